@@ -1,0 +1,227 @@
+"""Forward hooks on layers chosen by module path, and the conversion of outputs to feature matrices.
+
+Layer names are module paths from ``model.named_modules()`` (``"encoder.layers.3.mlp"``). A
+selection is an exact name, a glob (``"blocks.*.mlp"``), a list of either, a predicate
+``(name, module) -> bool``, or ``"auto"``. Hooks exist only inside :class:`capture` (a context
+manager) and are removed in ``finally``, also when the forward raises.
+
+Output conversion (:func:`to_features`), one documented default:
+
+* a tuple / list → its first tensor; a dict or a Hugging Face ``ModelOutput`` → ``last_hidden_state``
+  / ``hidden_states`` / ``logits`` if present, else its first tensor value; a dataclass → its first
+  tensor field;
+* (B, D) → B samples × D features;
+* (B, T, D) → tokens as samples: B·T samples × D features;
+* (B, C, H, W) → channels as features, positions as samples: B·H·W samples × C features
+  (``conv="flatten"`` gives B samples × C·H·W features instead);
+* other ranks: B samples × everything else flattened.
+
+Samples beyond ``max_rows`` are subsampled without replacement with a fixed seed, so the same
+input shape always keeps the same rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import fnmatch
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._validation import check_choice
+
+__all__ = ["resolve_layers", "pick_tensor", "to_features", "capture", "LayerSelection", "auto_layers"]
+
+LayerSelection = str | Sequence[str] | Callable[[str, nn.Module], bool] | None
+
+_PREFERRED_KEYS = ("last_hidden_state", "hidden_states", "logits")
+
+
+def _check_module(model: Any, owner: str) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"The 'model' parameter of {owner} must be a torch.nn.Module. Got {type(model).__name__} instead.")
+    return model
+
+
+def auto_layers(model: nn.Module) -> list[str]:
+    """The default layer set: the outputs of every ``nn.Linear`` and conv layer, in module order."""
+    kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    return [name for name, m in model.named_modules() if name and isinstance(m, kinds)]
+
+
+def resolve_layers(model: nn.Module, layers: LayerSelection) -> list[str]:
+    """Module paths selected by ``layers``, in ``named_modules()`` order, without duplicates.
+
+    Raises ``ValueError`` listing the closest existing names when a name or glob matches nothing.
+    """
+    _check_module(model, "resolve_layers")
+    names = [n for n, _ in model.named_modules() if n]
+    if layers is None or (isinstance(layers, str) and layers == "auto"):
+        chosen = auto_layers(model)
+        if not chosen:
+            raise ValueError(
+                "The 'layers' parameter is 'auto' but the model has no Linear or conv layers; "
+                f"name the layers to track. Modules: {', '.join(names[:20])}"
+            )
+        return chosen
+    modules = dict(model.named_modules())
+    if callable(layers) and not isinstance(layers, str):
+        chosen = [n for n in names if layers(n, modules[n])]
+        if not chosen:
+            raise ValueError("The 'layers' predicate selected no module of the model.")
+        return chosen
+    patterns = [layers] if isinstance(layers, str) else list(layers)
+    if not patterns:
+        raise ValueError("The 'layers' parameter is an empty list; name at least one layer.")
+    selected: set[str] = set()
+    for pat in patterns:
+        if not isinstance(pat, str):
+            raise TypeError(f"The 'layers' parameter must hold module-path strings. Got {pat!r}.")
+        if any(ch in pat for ch in "*?["):
+            hits = [n for n in names if fnmatch.fnmatchcase(n, pat)]
+        else:
+            hits = [pat] if pat in modules and pat else []
+        if not hits:
+            close = difflib.get_close_matches(pat, names, n=5, cutoff=0.4)
+            hint = f" Closest names: {', '.join(close)}." if close else f" Module names: {', '.join(names[:15])}."
+            raise ValueError(f"Unknown layer {pat!r}: no module of the model has that path.{hint}")
+        selected.update(hits)
+    return [n for n in names if n in selected]
+
+
+def pick_tensor(output: Any) -> torch.Tensor | None:
+    """The tensor that stands for a module's output (see the module docstring), or None."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping):
+        for key in _PREFERRED_KEYS:
+            val = output.get(key) if hasattr(output, "get") else None
+            if isinstance(val, torch.Tensor):
+                return val
+        for val in output.values():
+            t = pick_tensor(val)
+            if t is not None:
+                return t
+        return None
+    if dataclasses.is_dataclass(output) and not isinstance(output, type):
+        for f in dataclasses.fields(output):
+            t = pick_tensor(getattr(output, f.name))
+            if t is not None:
+                return t
+        return None
+    if isinstance(output, (tuple, list)):
+        for val in output:
+            t = pick_tensor(val)
+            if t is not None:
+                return t
+    return None
+
+
+def _subsample_rows(X: torch.Tensor, max_rows: int | None, seed: int) -> torch.Tensor:
+    n = X.shape[0]
+    if max_rows is None or n <= max_rows:
+        return X
+    g = torch.Generator().manual_seed(seed + n)
+    idx = torch.randperm(n, generator=g)[:max_rows].sort().values
+    return X.index_select(0, idx.to(X.device))
+
+
+def to_features(t: torch.Tensor, *, max_rows: int | None = 4096, conv: str = "channels", seed: int = 0) -> torch.Tensor:
+    """A module output as a 2-D (samples × features) matrix; see the module docstring."""
+    check_choice(conv, "conv", ("channels", "flatten"), owner="to_features")
+    if t.ndim == 0:
+        raise ValueError("A layer output is a scalar; it has no samples to measure.")
+    if t.ndim == 1:
+        X = t.reshape(-1, 1)
+    elif t.ndim == 2:
+        X = t
+    elif t.ndim == 3:
+        X = t.reshape(-1, t.shape[-1])
+    elif t.ndim == 4 and conv == "channels":
+        X = t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+    else:
+        X = t.reshape(t.shape[0], -1)
+    return _subsample_rows(X, max_rows, seed)
+
+
+class capture:
+    """Context manager that records the output tensor of each named layer on every forward.
+
+    >>> with capture(model, ["fc1", "fc2"]) as cap:
+    ...     model(x)
+    >>> cap.outputs["fc1"].shape
+
+    ``outputs`` holds, per layer, the detached output tensor of the most recent forward (a
+    reference, or a copy with ``clone=True`` — needed when a later in-place op would change it).
+    ``enabled`` can be switched off to skip recording; ``only_grad`` records only forwards run
+    with grad enabled (training forwards).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: LayerSelection,
+        *,
+        clone: bool = False,
+        only_grad: bool = False,
+    ) -> None:
+        self.model = _check_module(model, "capture")
+        self.layers = resolve_layers(model, layers)
+        self.clone = clone
+        self.only_grad = only_grad
+        self.enabled = True
+        self.outputs: dict[str, torch.Tensor] = {}
+        self._handles: list[Any] = []
+
+    def _hook(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if not self.enabled or (self.only_grad and not torch.is_grad_enabled()):
+                return
+            t = pick_tensor(output)
+            if t is None:
+                return
+            t = t.detach()
+            self.outputs[name] = t.clone() if self.clone else t
+
+        return hook
+
+    def __enter__(self) -> capture:
+        modules = dict(self.model.named_modules())
+        try:
+            for name in self.layers:
+                self._handles.append(modules[name].register_forward_hook(self._hook(name)))
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def remove(self) -> None:
+        """Remove every hook this object registered (idempotent)."""
+        while self._handles:
+            self._handles.pop().remove()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+    def clear(self) -> None:
+        self.outputs.clear()
+
+
+def count_hooks(model: nn.Module) -> int:
+    """The number of live forward / forward-pre / backward hooks on every module of ``model``."""
+    total = 0
+    for m in model.modules():
+        total += len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+    return total
+
+
+def iter_layer_weights(model: nn.Module, layers: Iterable[str]) -> Iterable[tuple[str, torch.Tensor]]:
+    """(name, weight) for each layer that has a ``weight`` parameter of 2+ dimensions."""
+    modules = dict(model.named_modules())
+    for name in layers:
+        w = getattr(modules[name], "weight", None)
+        if isinstance(w, torch.Tensor) and w.ndim >= 2:
+            yield name, w

@@ -1,0 +1,137 @@
+"""The ``dimscope`` command line. ``main(argv)`` is callable from tests."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="dimscope: what happens inside a network while it trains.")
+console = Console()
+
+
+def _table(df, title: str) -> Table:  # type: ignore[no-untyped-def]
+    t = Table(title=title)
+    for c in df.columns:
+        t.add_column(str(c), justify="right" if df[c].dtype.kind in "fiu" else "left")
+    for _, row in df.iterrows():
+        t.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.tolist()])
+    return t
+
+
+@app.command()
+def demo(
+    steps: int = typer.Option(8000, help="Optimizer steps."),
+    every: int = typer.Option(5, help="Measure every k steps."),
+    run: Path = typer.Option(Path("runs/demo"), help="Run directory (overwritten)."),
+    seed: int = typer.Option(0, help="Seed for the model, the split and the batches."),
+    report: bool = typer.Option(True, help="Write the HTML report at the end."),
+) -> None:
+    """Train the reference MLP on load_digits with a Tracker, then print the summary."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .recipes.demo import run_demo, summary_table
+    from .store import open_run
+
+    t0 = time.perf_counter()
+    with Progress(TextColumn("training"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"), TimeElapsedColumn(), console=console, transient=False) as prog:
+        task = prog.add_task("train", total=steps)
+
+        def progress(step: int) -> None:
+            if step % 50 == 0 or step == steps - 1:
+                prog.update(task, completed=step + 1)
+
+        out = run_demo(run, steps=steps, every=every, seed=seed, progress=progress)
+    elapsed = time.perf_counter() - t0
+    r = open_run(run)
+    console.print(_table(summary_table(r), f"dimscope demo — {steps} steps, every {every}, probe {r.manifest.get('probe_size')} held-out digits"))
+    console.print(f"test accuracy {out['test_accuracy']:.3f} · final batch loss {out['final_loss']:.4f} · {elapsed:.1f} s · run: {run}")
+    if report:
+        try:
+            from .report import write_report
+        except ImportError:
+            return
+        path = write_report(run)
+        console.print(f"report: {path}")
+
+
+@app.command()
+def summary(run: Path = typer.Argument(..., help="Run directory.")) -> None:
+    """Per layer: initial / minimum / final stable rank and participation ratio, ρ with the loss."""
+    from .recipes.demo import summary_table
+    from .store import open_run
+
+    r = open_run(run)
+    console.print(_table(summary_table(r), f"dimscope summary — {run}"))
+
+
+@app.command()
+def export(
+    run: Path = typer.Argument(..., help="Run directory."),
+    format: str = typer.Option("csv", "--format", help="csv or parquet."),
+    out: Optional[Path] = typer.Option(None, help="Output file or folder (default: the run directory)."),
+) -> None:
+    """Export the run's scalars (long format) to CSV or Parquet."""
+    from .store import open_run
+
+    r = open_run(run)
+    path = r.export(out or run, format=format)
+    console.print(f"wrote {path}")
+
+
+# Each capability registers its commands from its own module (``register(app)``), so areas do not
+# edit one another's code. A module that does not exist yet is skipped.
+_COMMAND_MODULES = (
+    "dimscope.transitions.commands",
+    "dimscope.report.commands",
+    "dimscope.jacobian.commands",
+    "dimscope.staircase.commands",
+    "dimscope.precursor_commands",
+    "dimscope.experiments.commands",
+)
+
+
+def _register_commands() -> None:
+    import importlib
+
+    for mod in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name and (mod == e.name or mod.startswith(e.name + ".")):
+                continue
+            raise
+        module.register(app)
+
+
+_register_commands()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+    try:
+        app(args=argv if argv is not None else sys.argv[1:], standalone_mode=False)
+    except SystemExit as e:  # pragma: no cover
+        return int(e.code or 0)
+    except typer.Exit as e:
+        return int(e.exit_code)
+    except (ValueError, FileNotFoundError, KeyError, TypeError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        return 2
+    except Exception as e:  # click usage errors
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            return e.exit_code
+        raise
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Reproducible experiments: each a function that trains, measures and returns a run."""

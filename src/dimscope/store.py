@@ -1,0 +1,394 @@
+"""The run store: one SQLite database per run directory, in WAL mode.
+
+Tables
+------
+``manifest``   key → JSON value (versions, config, probe hash, layers, metric definitions, sessions)
+``scalars``    long format: step, wall_time, layer, metric, value, space, convention
+               (``space`` is ``activation``, ``weight`` or ``training``; training scalars such as
+               the loss have ``layer = ''``)
+``spectra``    step, layer, space, convention, n_samples, n_features, centered, trace, values (float64)
+``events``     step, wall_time, kind, layer, metric, payload (JSON): transitions, alerts, notes
+``artifacts``  name → a numpy array, a DataFrame or a JSON object (analysis results for the report)
+
+Commit policy: the writer commits at least every ``commit_every`` measurements or every
+``commit_seconds`` seconds, whichever comes first, on :meth:`RunStore.close`, and when the
+tracker's context exits with an exception. SQLite's WAL journal makes each commit durable against a
+crash of the process (``synchronous=NORMAL``): a run killed with SIGKILL keeps every committed
+measurement. Opening an existing run appends to it; ``overwrite=True`` starts it afresh.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .spectrum import Spectrum
+
+__all__ = ["RunStore", "Run", "open_run", "DB_NAME"]
+
+DB_NAME = "dimscope.sqlite"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS manifest (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS scalars (
+    step INTEGER NOT NULL, wall_time REAL, layer TEXT NOT NULL, metric TEXT NOT NULL,
+    value REAL, space TEXT NOT NULL, convention TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS scalars_lm ON scalars (metric, layer, space, convention, step);
+CREATE TABLE IF NOT EXISTS spectra (
+    step INTEGER NOT NULL, wall_time REAL, layer TEXT NOT NULL, space TEXT NOT NULL,
+    convention TEXT NOT NULL, n_samples INTEGER, n_features INTEGER, centered INTEGER,
+    trace REAL, n_values INTEGER, vals BLOB
+);
+CREATE INDEX IF NOT EXISTS spectra_l ON spectra (layer, space, convention, step);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, step INTEGER, wall_time REAL, kind TEXT NOT NULL,
+    layer TEXT, metric TEXT, payload TEXT
+);
+CREATE TABLE IF NOT EXISTS artifacts (name TEXT PRIMARY KEY, kind TEXT NOT NULL, created REAL, meta TEXT, data BLOB);
+"""
+
+
+def _db_path(path: str | os.PathLike[str]) -> Path:
+    p = Path(path)
+    if p.suffix in (".sqlite", ".db") or p.is_file():
+        return p
+    return p / DB_NAME
+
+
+def _json(obj: Any) -> str:
+    return json.dumps(obj, default=_json_default, sort_keys=True)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    return repr(o)
+
+
+def _connect(db: Path) -> sqlite3.Connection:
+    con = sqlite3.connect(str(db), timeout=30.0, check_same_thread=False, isolation_level=None)
+    con.execute("PRAGMA journal_mode=WAL")
+    con.execute("PRAGMA synchronous=NORMAL")
+    con.execute("PRAGMA busy_timeout=30000")
+    return con
+
+
+class RunStore:
+    """Writer side of a run. Thread-safe (one lock around the connection).
+
+    Parameters
+    ----------
+    path:
+        The run directory (created if needed) or a ``.sqlite`` file.
+    overwrite:
+        Delete an existing run first. Without it, an existing run is appended to.
+    commit_every, commit_seconds:
+        The commit policy (see the module docstring).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        overwrite: bool = False,
+        commit_every: int = 10,
+        commit_seconds: float = 2.0,
+    ) -> None:
+        self.db_path = _db_path(path)
+        self.path = self.db_path.parent
+        self.path.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            for suffix in ("", "-wal", "-shm"):
+                f = Path(str(self.db_path) + suffix)
+                if f.exists():
+                    f.unlink()
+        self.existed = self.db_path.exists()
+        self.commit_every = commit_every
+        self.commit_seconds = commit_seconds
+        self._lock = threading.RLock()
+        self._con = _connect(self.db_path)
+        self._con.executescript(_SCHEMA)
+        self._con.execute("BEGIN")
+        self._pending = 0
+        self._last_commit = time.monotonic()
+        self.n_commits = 0
+        self.closed = False
+        self.on_commit: list[Any] = []
+
+    # -- writing ----------------------------------------------------------------------------------
+    def set_manifest(self, entries: Mapping[str, Any]) -> None:
+        with self._lock:
+            self._con.executemany(
+                "INSERT OR REPLACE INTO manifest (key, value) VALUES (?, ?)",
+                [(k, _json(v)) for k, v in entries.items()],
+            )
+
+    def get_manifest(self) -> dict[str, Any]:
+        with self._lock:
+            rows = self._con.execute("SELECT key, value FROM manifest").fetchall()
+        return {k: json.loads(v) for k, v in rows}
+
+    def add_scalars(self, rows: Iterable[tuple[int, float, str, str, float, str, str]]) -> None:
+        """Rows of (step, wall_time, layer, metric, value, space, convention)."""
+        with self._lock:
+            self._con.executemany("INSERT INTO scalars VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+
+    def add_spectrum(
+        self, step: int, wall_time: float, layer: str, spec: Spectrum, *, space: str, convention: str, top_k: int | None = None
+    ) -> None:
+        vals = spec.values if top_k is None else spec.values[:top_k]
+        with self._lock:
+            self._con.execute(
+                "INSERT INTO spectra VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    int(step), wall_time, layer, space, convention, spec.n_samples, spec.n_features,
+                    int(spec.centered), float(spec.trace), len(vals), np.ascontiguousarray(vals, dtype="<f8").tobytes(),
+                ),
+            )
+
+    def add_event(
+        self, step: int | None, kind: str, *, layer: str | None = None, metric: str | None = None,
+        payload: Mapping[str, Any] | None = None, wall_time: float | None = None,
+    ) -> None:
+        with self._lock:
+            self._con.execute(
+                "INSERT INTO events (step, wall_time, kind, layer, metric, payload) VALUES (?, ?, ?, ?, ?, ?)",
+                (None if step is None else int(step), wall_time if wall_time is not None else time.time(), kind, layer, metric, _json(payload or {})),
+            )
+
+    def clear_events(self, kind: str) -> None:
+        with self._lock:
+            self._con.execute("DELETE FROM events WHERE kind = ?", (kind,))
+
+    def put_artifact(self, name: str, obj: Any, meta: Mapping[str, Any] | None = None) -> None:
+        """Store a numpy array, a pandas DataFrame or a JSON-able object under ``name`` (replacing)."""
+        if isinstance(obj, np.ndarray):
+            buf = io.BytesIO()
+            np.save(buf, obj, allow_pickle=False)
+            kind, data = "ndarray", buf.getvalue()
+        elif isinstance(obj, pd.DataFrame):
+            kind, data = "dataframe", obj.to_json(orient="split").encode()
+        else:
+            kind, data = "json", _json(obj).encode()
+        with self._lock:
+            self._con.execute(
+                "INSERT OR REPLACE INTO artifacts VALUES (?, ?, ?, ?, ?)", (name, kind, time.time(), _json(meta or {}), data)
+            )
+
+    def measurement_done(self) -> bool:
+        """Count one measurement; commit if the policy says so. Returns True if it committed."""
+        self._pending += 1
+        if self._pending >= self.commit_every or time.monotonic() - self._last_commit >= self.commit_seconds:
+            self.commit()
+            return True
+        return False
+
+    def commit(self) -> None:
+        with self._lock:
+            if self.closed:
+                return
+            self._con.execute("COMMIT")
+            self._con.execute("BEGIN")
+            self._pending = 0
+            self._last_commit = time.monotonic()
+            self.n_commits += 1
+        for cb in list(self.on_commit):
+            cb(self)
+
+    def close(self) -> None:
+        with self._lock:
+            if self.closed:
+                return
+            self._con.execute("COMMIT")
+            self.closed = True
+            self._con.close()
+
+    def reader(self) -> Run:
+        return Run(self.db_path)
+
+    def __enter__(self) -> RunStore:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class Run:
+    """Reader side of a run; safe to use while training is still writing it."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.db_path = _db_path(path)
+        if not self.db_path.exists():
+            raise FileNotFoundError(f"No dimscope run at {str(path)!r} (expected {self.db_path}).")
+        self.path = self.db_path.parent
+        self._con = _connect(self.db_path)
+
+    def _df(self, sql: str, params: Iterable[Any] = ()) -> pd.DataFrame:
+        return pd.read_sql_query(sql, self._con, params=list(params))
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        rows = self._con.execute("SELECT key, value FROM manifest").fetchall()
+        return {k: json.loads(v) for k, v in rows}
+
+    @property
+    def default_convention(self) -> str:
+        return str(self.manifest.get("default_convention", "probe/centered"))
+
+    @property
+    def layers(self) -> list[str]:
+        m = self.manifest.get("layers")
+        if m:
+            return list(m)
+        rows = self._con.execute("SELECT DISTINCT layer FROM scalars WHERE space != 'training' ORDER BY rowid").fetchall()
+        return [r[0] for r in rows]
+
+    @property
+    def conventions(self) -> list[str]:
+        rows = self._con.execute("SELECT DISTINCT convention FROM scalars WHERE space = 'activation'").fetchall()
+        return sorted(r[0] for r in rows)
+
+    def scalars(self, space: str | None = None, convention: str | None = None) -> pd.DataFrame:
+        """All scalars in long format (step, wall_time, layer, metric, value, space, convention)."""
+        sql, params = "SELECT * FROM scalars", []
+        where = []
+        if space is not None:
+            where.append("space = ?")
+            params.append(space)
+        if convention is not None:
+            where.append("convention = ?")
+            params.append(convention)
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        return self._df(sql + " ORDER BY step, rowid", params)
+
+    def metric(self, name: str, layer: str | None = None, *, space: str = "activation", convention: str | None = None) -> pd.Series:
+        """One metric of one layer as a Series indexed by training step.
+
+        Training scalars (``loss``, ``grad_norm``, user scalars) take ``layer=None``.
+        """
+        if layer is None or space == "training":
+            df = self._df(
+                "SELECT step, value FROM scalars WHERE metric = ? AND space = 'training' ORDER BY step, rowid", [name]
+            )
+            label = name
+        else:
+            conv = convention if convention is not None else (self.default_convention if space == "activation" else "weight")
+            df = self._df(
+                "SELECT step, value FROM scalars WHERE metric = ? AND layer = ? AND space = ? AND convention = ? ORDER BY step, rowid",
+                [name, layer, space, conv],
+            )
+            label = f"{layer}/{name}"
+        if df.empty:
+            known = self._con.execute("SELECT DISTINCT metric, layer, space FROM scalars").fetchall()
+            raise KeyError(f"No values for metric {name!r} layer {layer!r} space {space!r} in this run. Stored: {known[:30]}")
+        s = df.drop_duplicates("step", keep="last").set_index("step")["value"]
+        s.name = label
+        return s
+
+    def training(self, name: str = "loss") -> pd.Series:
+        """A training scalar (the loss, the gradient norm, a user scalar) indexed by step."""
+        return self.metric(name, None, space="training")
+
+    def spectra(self, layer: str, *, space: str = "activation", convention: str | None = None) -> pd.Series:
+        """The stored spectra of a layer: a Series of :class:`Spectrum` indexed by step."""
+        conv = convention if convention is not None else (self.default_convention if space == "activation" else "weight")
+        rows = self._con.execute(
+            "SELECT step, n_samples, n_features, centered, trace, vals FROM spectra "
+            "WHERE layer = ? AND space = ? AND convention = ? ORDER BY step, rowid",
+            (layer, space, conv),
+        ).fetchall()
+        data = {}
+        for step, n, d, c, tr, blob in rows:
+            data[int(step)] = Spectrum(np.frombuffer(blob, dtype="<f8").copy(), int(n), int(d), bool(c), float(tr))
+        return pd.Series(data, dtype=object, name=layer)
+
+    def recompute(self, metric: str, layer: str | None = None, *, space: str = "activation", convention: str | None = None, **params: Any) -> pd.DataFrame:
+        """Recompute ``metric`` (with new parameters, e.g. ``eps=1e-2``) from the stored spectra.
+
+        Returns a DataFrame with columns step, layer, value. Metrics that need the spectrum's tail
+        are approximate where spectra were stored truncated (``Spectrum.truncated``).
+        """
+        from .metrics import compute_metrics
+
+        layers = [layer] if layer is not None else self.layers
+        frames = []
+        for lay in layers:
+            specs = self.spectra(lay, space=space, convention=convention)
+            vals = [compute_metrics(s, {metric: params})[metric] for s in specs.values]
+            frames.append(pd.DataFrame({"step": specs.index.astype(int), "layer": lay, "value": vals}))
+        if not frames:
+            return pd.DataFrame(columns=["step", "layer", "value"])
+        return pd.concat(frames, ignore_index=True)
+
+    def events(self, kind: str | None = None) -> pd.DataFrame:
+        sql, params = "SELECT * FROM events", []
+        if kind is not None:
+            sql += " WHERE kind = ?"
+            params.append(kind)
+        df = self._df(sql + " ORDER BY id", params)
+        df["payload"] = [json.loads(p) if p else {} for p in df["payload"]]
+        return df
+
+    def artifact(self, name: str, default: Any = KeyError) -> Any:
+        row = self._con.execute("SELECT kind, data FROM artifacts WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            if default is KeyError:
+                raise KeyError(f"No artifact {name!r} in this run.")
+            return default
+        kind, data = row
+        if kind == "ndarray":
+            return np.load(io.BytesIO(data), allow_pickle=False)
+        if kind == "dataframe":
+            return pd.read_json(io.StringIO(data.decode()), orient="split")
+        return json.loads(data.decode())
+
+    def artifacts(self) -> list[str]:
+        return [r[0] for r in self._con.execute("SELECT name FROM artifacts ORDER BY name").fetchall()]
+
+    def export(self, out: str | os.PathLike[str], format: str = "csv") -> Path:
+        """Write the scalars table to ``out`` as CSV or Parquet; returns the path written."""
+        from ._validation import check_choice
+
+        check_choice(format, "format", ("csv", "parquet"), owner="Run.export")
+        out = Path(out)
+        if out.is_dir() or not out.suffix:
+            out.mkdir(parents=True, exist_ok=True)
+            out = out / f"scalars.{format}"
+        df = self.scalars()
+        if format == "csv":
+            df.to_csv(out, index=False)
+        else:
+            df.to_parquet(out, index=False)
+        return out
+
+    def close(self) -> None:
+        self._con.close()
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def open_run(path: str | os.PathLike[str]) -> Run:
+    """Open a run directory (or its ``.sqlite`` file) for reading."""
+    return Run(path)

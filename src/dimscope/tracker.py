@@ -1,0 +1,638 @@
+"""The Tracker: every k optimizer steps, each chosen layer's representation becomes a spectrum.
+
+Three lines in a training loop::
+
+    tracker = dimscope.Tracker(model, probe=X_probe, every=5, layers=["fc1", "fc2"], run="runs/demo")
+    tracker.step(step, loss=loss.item())      # after optimizer.step(), every iteration
+    tracker.close()                            # or: with dimscope.Tracker(...) as tracker:
+
+Modes
+-----
+``"probe"`` (default): at each measurement the fixed probe inputs go through the model under
+``torch.no_grad()`` in eval mode; every module's train/eval flag and the grad mode are restored.
+Hooks exist only during that forward. ``"batch"``: the activations of the most recent training
+forward (a forward run with grad enabled) are measured, as ndtracker does; hooks live from the
+Tracker's construction to :meth:`Tracker.close`. ``("probe", "batch")`` records both.
+
+Where the work happens
+----------------------
+The training thread runs the probe forward and copies the features; the eigendecompositions,
+metrics and SQLite writes run on one background thread (``background=True``, the default) with a
+bounded queue, so a slow measurement applies back-pressure instead of growing memory. With
+``background=False`` everything runs inline and :meth:`Tracker.step` returns the measured values.
+:meth:`Tracker.close` (and the context manager's exit, also on an exception) waits for every
+queued measurement to be written and committed.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+
+import platform
+import queue
+import threading
+import time
+import warnings
+import weakref
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import __version__
+from ._validation import check_choice, check_int
+from .capture import LayerSelection, capture, iter_layer_weights, resolve_layers, to_features
+from .metrics import DEFINITIONS, _normalize_metric_spec, compute_metrics
+from .spectrum import NonFiniteError, Spectrum, spectrum, weight_spectrum
+from .store import RunStore
+
+__all__ = ["Tracker", "TrackerExtension"]
+
+_Row = tuple[int, float, str, str, float, str, str]
+
+
+class TrackerExtension:
+    """Base class for things that measure alongside the Tracker (alerts, ε-rank, probes...).
+
+    Every method is optional. ``on_step`` and ``on_features`` run on the training thread;
+    a callable returned by ``on_features`` and ``on_metrics`` run on the measurement thread.
+    Extensions write through ``tracker.store`` (thread-safe).
+    """
+
+    name = "extension"
+
+    def setup(self, tracker: Tracker) -> None:  # noqa: D102
+        pass
+
+    def on_step(self, tracker: Tracker, step: int, measuring: bool) -> None:  # noqa: D102
+        pass
+
+    def on_features(self, tracker: Tracker, step: int, features: dict[str, torch.Tensor]) -> Callable[[], None] | None:  # noqa: D102
+        return None
+
+    def on_metrics(self, tracker: Tracker, step: int, values: dict[tuple[str, str], float]) -> None:  # noqa: D102
+        pass
+
+    def close(self, tracker: Tracker) -> None:  # noqa: D102
+        pass
+
+
+def _probe_tensors(probe: Any) -> list[torch.Tensor]:
+    if isinstance(probe, torch.Tensor):
+        return [probe]
+    if isinstance(probe, Mapping):
+        return [v for v in probe.values() if isinstance(v, torch.Tensor)]
+    if isinstance(probe, (tuple, list)):
+        return [v for v in probe if isinstance(v, torch.Tensor)]
+    return []
+
+
+def _probe_len(probe: Any) -> int:
+    ts = _probe_tensors(probe)
+    if not ts:
+        raise TypeError(
+            "The 'probe' parameter of Tracker must be a tensor, a tuple of tensors (positional inputs) "
+            f"or a dict of tensors (keyword inputs). Got {type(probe).__name__} instead."
+        )
+    if ts[0].ndim == 0:
+        raise ValueError("The 'probe' parameter of Tracker must have a batch dimension. Got a scalar tensor.")
+    return int(ts[0].shape[0])
+
+
+def _probe_hash(probe: Any) -> str:
+    h = hashlib.sha256()
+    for t in _probe_tensors(probe):
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _slice_probe(probe: Any, a: int, b: int, device: torch.device | None) -> Any:
+    def mv(t: Any) -> Any:
+        if isinstance(t, torch.Tensor):
+            t = t[a:b]
+            return t.to(device) if device is not None else t
+        return t
+
+    if isinstance(probe, torch.Tensor):
+        return mv(probe)
+    if isinstance(probe, Mapping):
+        return {k: mv(v) for k, v in probe.items()}
+    return tuple(mv(v) for v in probe)
+
+
+def _call(model: nn.Module, inputs: Any) -> Any:
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, tuple):
+        return model(*inputs)
+    return model(inputs)
+
+
+class _Worker:
+    """One background thread with a bounded queue of jobs; errors become warnings."""
+
+    def __init__(self, maxsize: int) -> None:
+        self.q: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=maxsize)
+        self.errors: list[BaseException] = []
+        self.thread = threading.Thread(target=self._run, name="dimscope-measure", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self.q.get()
+            try:
+                if job is None:
+                    return
+                job()
+            except BaseException as e:  # a measurement must never stop training
+                self.errors.append(e)
+                warnings.warn(f"dimscope: a measurement failed and was skipped: {e!r}", RuntimeWarning, stacklevel=1)
+            finally:
+                self.q.task_done()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self.q.put(job)
+
+    def join(self) -> None:
+        self.q.join()
+
+    def stop(self) -> None:
+        self.q.put(None)
+        self.thread.join()
+
+
+class Tracker:
+    """Measure the dimensionality of chosen layers every ``every`` optimizer steps.
+
+    Parameters
+    ----------
+    model:
+        The ``nn.Module`` being trained.
+    probe:
+        The fixed probe inputs (tensor, tuple of tensors, or dict of tensors), required in probe mode.
+    every:
+        Measure when ``step % every == 0``.
+    layers:
+        Module paths: an exact name, a glob, a list, a predicate, or ``"auto"`` (default).
+    run:
+        The run directory for the SQLite store; ``None`` keeps results in memory only
+        (``tracker.history``).
+    mode:
+        ``"probe"``, ``"batch"`` or ``("probe", "batch")``.
+    metrics:
+        Metric names, or a mapping name → parameters; default all (see :mod:`dimscope.metrics`).
+    conventions:
+        ``("centered",)`` by default; add ``"uncentered"`` to record both on the same run.
+    spectra:
+        ``"all"`` stores every eigenvalue, an int K the top K, ``None`` none.
+    weight_metrics:
+        Also measure the spectrum of each tracked layer's weight matrix.
+    grad_norm:
+        Record the global gradient norm at each measurement (call ``step`` before ``zero_grad``).
+    max_rows:
+        Cap on samples per layer (tokens or positions are subsampled with a fixed seed).
+    conv:
+        ``"channels"`` (default) or ``"flatten"`` for (B, C, H, W) outputs.
+    probe_batch_size:
+        Run the probe forward in chunks of this many inputs.
+    background:
+        Run eigendecompositions and writes on a background thread (default True).
+    overwrite:
+        Start an existing run afresh instead of appending to it.
+    commit_every, commit_seconds:
+        The store's commit policy.
+    extensions:
+        :class:`TrackerExtension` objects measuring alongside.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        probe: Any = None,
+        *,
+        every: int = 5,
+        layers: LayerSelection = "auto",
+        run: str | None = None,
+        mode: str | Sequence[str] = "probe",
+        metrics: Iterable[str] | Mapping[str, Mapping[str, Any]] | None = None,
+        conventions: Sequence[str] = ("centered",),
+        spectra: str | int | None = "all",
+        weight_metrics: bool = True,
+        grad_norm: bool = False,
+        max_rows: int | None = 4096,
+        conv: str = "channels",
+        seed: int = 0,
+        probe_batch_size: int | None = None,
+        background: bool = True,
+        queue_size: int = 16,
+        overwrite: bool = False,
+        commit_every: int = 10,
+        commit_seconds: float = 2.0,
+        extensions: Sequence[TrackerExtension] = (),
+        config: Mapping[str, Any] | None = None,
+        verbose: bool = False,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"The 'model' parameter of Tracker must be a torch.nn.Module. Got {type(model).__name__} instead.")
+        self.model = model
+        self.every = check_int(every, "every", min_value=1, owner="Tracker")
+        modes = (mode,) if isinstance(mode, str) else tuple(mode)
+        if not modes:
+            raise ValueError("The 'mode' parameter of Tracker must name at least one of 'probe', 'batch'. Got ().")
+        for m in modes:
+            check_choice(m, "mode", ("probe", "batch"), owner="Tracker")
+        self.modes = modes
+        self.conventions = tuple(conventions)
+        if not self.conventions:
+            raise ValueError("The 'conventions' parameter of Tracker must name at least one convention. Got ().")
+        for c in self.conventions:
+            check_choice(c, "conventions", ("centered", "uncentered"), owner="Tracker")
+        if max_rows is not None:
+            check_int(max_rows, "max_rows", min_value=2, owner="Tracker")
+        self.max_rows = max_rows
+        self.conv = check_choice(conv, "conv", ("channels", "flatten"), owner="Tracker")
+        if spectra == "all" or spectra is None:
+            self.top_k: int | None = None
+        else:
+            self.top_k = check_int(spectra, "spectra", min_value=1, owner="Tracker")
+        self.store_spectra = spectra is not None
+        self.metric_spec = _normalize_metric_spec(metrics)
+        self.weight_metrics = bool(weight_metrics)
+        self.grad_norm = bool(grad_norm)
+        self.seed = int(seed)
+        self.probe = probe
+        if "probe" in modes:
+            if probe is None:
+                raise ValueError(
+                    "The 'probe' parameter of Tracker is required in probe mode (the default). "
+                    "Pass a fixed set of inputs, or use mode='batch'. Got None."
+                )
+            n = _probe_len(probe)
+            if n < 2:
+                raise ValueError(f"The 'probe' parameter of Tracker must hold at least 2 samples. Got {n}.")
+        if probe_batch_size is not None:
+            check_int(probe_batch_size, "probe_batch_size", min_value=1, owner="Tracker")
+        self.probe_batch_size = probe_batch_size
+        self.layers = resolve_layers(model, layers)
+        self.history: list[dict[str, Any]] = []
+        self.latest: dict[tuple[str, str], float] = {}
+        self.extensions: list[TrackerExtension] = []
+        self.verbose = verbose
+        self.closed = False
+        self.n_measurements = 0
+        self.last_step: int | None = None
+        self._train_rows: list[_Row] = []
+        self._main_calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._nonfinite_warned: set[str] = set()
+
+        self.store = RunStore(run, overwrite=overwrite, commit_every=commit_every, commit_seconds=commit_seconds) if run is not None else None
+        self._write_manifest(config)
+        self._batch_capture: capture | None = None
+        if "batch" in modes:
+            self._batch_capture = capture(model, self.layers, clone=True, only_grad=True)
+            self._batch_capture.__enter__()
+        self._worker = _Worker(queue_size) if background else None
+        self._finalizer = weakref.finalize(self, Tracker._finalize, weakref.ref(self))
+        atexit.register(self._atexit)
+        for ext in extensions:
+            self.add_extension(ext)
+        if verbose:
+            print(f"dimscope: tracking {len(self.layers)} layers: {', '.join(self.layers)}")
+
+    # -- set-up ----------------------------------------------------------------------------------
+    def _write_manifest(self, config: Mapping[str, Any] | None) -> None:
+        if self.store is None:
+            return
+        n_params = sum(p.numel() for p in self.model.parameters())
+        previous = self.store.get_manifest()
+        sessions = list(previous.get("sessions", []))
+        sessions.append({"started": time.time()})
+        entries: dict[str, Any] = {
+            "dimscope_version": __version__,
+            "torch_version": torch.__version__,
+            "python_version": platform.python_version(),
+            "model_class": type(self.model).__name__,
+            "n_parameters": n_params,
+            "layers": self.layers,
+            "modes": list(self.modes),
+            "conventions": list(self.conventions),
+            "default_convention": self.convention_name(self.modes[0], self.conventions[0]),
+            "every": self.every,
+            "metrics": self.metric_spec,
+            "metric_definitions": {k: DEFINITIONS[k] for k in self.metric_spec},
+            "max_rows": self.max_rows,
+            "conv": self.conv,
+            "spectra_top_k": self.top_k,
+            "store_spectra": self.store_spectra,
+            "weight_metrics": self.weight_metrics,
+            "grad_norm": self.grad_norm,
+            "probe_eval_mode": True,
+            "sessions": sessions,
+            "config": dict(config or previous.get("config", {})),
+        }
+        if self.probe is not None:
+            entries["probe_hash"] = _probe_hash(self.probe)
+            entries["probe_size"] = _probe_len(self.probe)
+            entries["probe_shape"] = [list(t.shape) for t in _probe_tensors(self.probe)]
+        self.store.set_manifest(entries)
+        self.store.commit()
+
+    @staticmethod
+    def convention_name(mode: str, convention: str) -> str:
+        return f"{mode}/{convention}"
+
+    def add_extension(self, ext: TrackerExtension) -> None:
+        self.extensions.append(ext)
+        ext.setup(self)
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the training thread at the next :meth:`step` (for alert callbacks)."""
+        self._main_calls.put(fn)
+
+    # -- the loop --------------------------------------------------------------------------------
+    def step(self, step: int, loss: float | None = None, *, force: bool = False, **scalars: float) -> dict[tuple[str, str], float] | None:
+        """Record the training scalars of optimizer step ``step``; measure if ``step % every == 0``.
+
+        Returns the measured values (``(layer, metric) → value``) when measuring synchronously,
+        else None (see :attr:`latest`).
+        """
+        if self.closed:
+            raise RuntimeError("This Tracker is closed; create a new one to keep measuring.")
+        step = check_int(step, "step", min_value=0, owner="Tracker.step")
+        self._drain_main_calls()
+        now = time.time()
+        if loss is not None:
+            scalars = {"loss": loss, **scalars}
+        for k, v in scalars.items():
+            self._train_rows.append((step, now, "", k, _as_float(v), "training", ""))
+        measuring = force or step % self.every == 0
+        for ext in self.extensions:
+            ext.on_step(self, step, measuring)
+        self.last_step = step
+        if not measuring:
+            if len(self._train_rows) >= 2048:
+                self._submit(self._flush_rows_job(self._take_train_rows()))
+            return None
+        return self._measure(step, now)
+
+    def _take_train_rows(self) -> list[_Row]:
+        rows, self._train_rows = self._train_rows, []
+        return rows
+
+    def _flush_rows_job(self, rows: list[_Row]) -> Callable[[], None]:
+        store = self.store
+
+        def job() -> None:
+            if store is not None and rows:
+                store.add_scalars(rows)
+
+        return job
+
+    def _collect_features(self) -> dict[str, dict[str, torch.Tensor]]:
+        feats: dict[str, dict[str, torch.Tensor]] = {}
+        if "probe" in self.modes:
+            feats["probe"] = self._probe_features()
+        if "batch" in self.modes and self._batch_capture is not None:
+            outs = dict(self._batch_capture.outputs)
+            if not outs:
+                warnings.warn(
+                    "dimscope: batch mode found no training forward to measure (no forward with grad "
+                    "enabled since the last measurement).",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            feats["batch"] = {k: to_features(v, max_rows=self.max_rows, conv=self.conv, seed=self.seed) for k, v in outs.items()}
+            self._batch_capture.clear()
+        return feats
+
+    def _probe_features(self) -> dict[str, torch.Tensor]:
+        model = self.model
+        flags = [(m, m.training) for m in model.modules()]
+        try:
+            device = next(model.parameters()).device
+        except StopIteration:
+            device = None
+        n = _probe_len(self.probe)
+        bs = self.probe_batch_size or n
+        chunks: dict[str, list[torch.Tensor]] = {name: [] for name in self.layers}
+        model.eval()
+        try:
+            with torch.no_grad(), capture(model, self.layers) as cap:
+                for a in range(0, n, bs):
+                    cap.clear()
+                    _call(model, _slice_probe(self.probe, a, min(a + bs, n), device))
+                    for name in self.layers:
+                        if name in cap.outputs:
+                            chunks[name].append(cap.outputs[name])
+        finally:
+            for m, was in flags:
+                m.training = was
+        out = {}
+        for name, parts in chunks.items():
+            if not parts:
+                continue
+            t = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+            out[name] = to_features(t, max_rows=self.max_rows, conv=self.conv, seed=self.seed)
+        return out
+
+    def _grad_norm(self) -> float:
+        grads = [p.grad.detach() for p in self.model.parameters() if p.grad is not None]
+        if not grads:
+            return float("nan")
+        norms = torch._foreach_norm(grads)
+        return float(torch.linalg.vector_norm(torch.stack([n.to(torch.float64) for n in norms])))
+
+    def _measure(self, step: int, now: float) -> dict[tuple[str, str], float] | None:
+        feats = self._collect_features()
+        weights: dict[str, torch.Tensor] = {}
+        if self.weight_metrics:
+            weights = {name: w.detach().clone() for name, w in iter_layer_weights(self.model, self.layers)}
+        if self.grad_norm:
+            self._train_rows.append((step, now, "", "grad_norm", self._grad_norm(), "training", ""))
+        extra_jobs = []
+        for ext in self.extensions:
+            flat = feats.get(self.modes[0], {})
+            j = ext.on_features(self, step, flat)
+            if j is not None:
+                extra_jobs.append(j)
+        rows = self._take_train_rows()
+        result: dict[tuple[str, str], float] = {}
+
+        def job() -> None:
+            values = self._compute(step, now, feats, weights, rows)
+            for j in extra_jobs:
+                j()
+            for ext in self.extensions:
+                ext.on_metrics(self, step, values)
+            if self.store is not None:
+                self.store.measurement_done()
+            result.update(values)
+
+        self.n_measurements += 1
+        if self._worker is None:
+            job()
+            return result
+        self._submit(job)
+        return None
+
+    def _submit(self, job: Callable[[], None]) -> None:
+        if self._worker is None:
+            job()
+        else:
+            self._worker.submit(job)
+
+    # -- measurement (runs on the worker thread) -----------------------------------------------
+    def features_to_spectrum(self, X: torch.Tensor, center: bool) -> Spectrum:
+        """One layer's spectrum (override point, e.g. for all-reduced Gram matrices)."""
+        return spectrum(X, center=center)
+
+    def _compute(
+        self,
+        step: int,
+        now: float,
+        feats: dict[str, dict[str, torch.Tensor]],
+        weights: dict[str, torch.Tensor],
+        train_rows: list[_Row],
+    ) -> dict[tuple[str, str], float]:
+        rows: list[_Row] = list(train_rows)
+        values: dict[tuple[str, str], float] = {}
+        primary = self.convention_name(self.modes[0], self.conventions[0])
+        for mode, layer_feats in feats.items():
+            for layer, X in layer_feats.items():
+                for conv_name in self.conventions:
+                    cname = self.convention_name(mode, conv_name)
+                    spec = self._safe_spectrum(X, conv_name == "centered", layer, step)
+                    vals = self._metrics_of(spec)
+                    for metric, v in vals.items():
+                        rows.append((step, now, layer, metric, v, "activation", cname))
+                        if cname == primary:
+                            values[(layer, metric)] = v
+                    if spec is not None and self.store is not None and self.store_spectra:
+                        self.store.add_spectrum(step, now, layer, spec, space="activation", convention=cname, top_k=self.top_k)
+        for layer, W in weights.items():
+            try:
+                spec = weight_spectrum(W)
+            except NonFiniteError:
+                spec = None
+            vals = self._metrics_of(spec)
+            for metric, v in vals.items():
+                rows.append((step, now, layer, metric, v, "weight", "weight"))
+                values[(layer, f"weight/{metric}")] = v
+            if spec is not None and self.store is not None and self.store_spectra:
+                self.store.add_spectrum(step, now, layer, spec, space="weight", convention="weight", top_k=self.top_k)
+        for r in train_rows:
+            values[("", r[3])] = r[4]
+        if self.store is not None:
+            self.store.add_scalars(rows)
+        else:
+            self.history.extend(dict(zip(("step", "wall_time", "layer", "metric", "value", "space", "convention"), r)) for r in rows)
+        self.latest = values
+        return values
+
+    def _safe_spectrum(self, X: torch.Tensor, center: bool, layer: str, step: int) -> Spectrum | None:
+        try:
+            return self.features_to_spectrum(X, center)
+        except NonFiniteError:
+            if layer not in self._nonfinite_warned:
+                self._nonfinite_warned.add(layer)
+                warnings.warn(
+                    f"dimscope: NaN or Inf activations in layer {layer!r} at step {step}; its metrics are "
+                    "recorded as NaN and training goes on.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            return None
+
+    def _metrics_of(self, spec: Spectrum | None) -> dict[str, float]:
+        if spec is None:
+            return {m: float("nan") for m in self.metric_spec}
+        return compute_metrics(spec, self.metric_spec)
+
+    # -- ending ----------------------------------------------------------------------------------
+    def _drain_main_calls(self) -> None:
+        while True:
+            try:
+                fn = self._main_calls.get_nowait()
+            except queue.Empty:
+                return
+            fn()
+
+    def flush(self) -> None:
+        """Wait until every queued measurement is computed and written, then commit."""
+        rows = self._take_train_rows()
+        if rows:
+            self._submit(self._flush_rows_job(rows))
+        if self._worker is not None:
+            self._worker.join()
+        if self.store is not None and not self.store.closed:
+            self.store.commit()
+        self._drain_main_calls()
+
+    def close(self) -> None:
+        """Write everything measured, commit, remove the hooks, close the store. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            if self._batch_capture is not None:
+                self._batch_capture.remove()
+            self.closed = False
+            try:
+                self.flush()
+            finally:
+                self.closed = True
+            for ext in self.extensions:
+                ext.close(self)
+            if self.store is not None and not self.store.closed:
+                self.store.commit()
+        finally:
+            if self._worker is not None:
+                self._worker.stop()
+            if self.store is not None:
+                self.store.close()
+            atexit.unregister(self._atexit)
+
+    def _atexit(self) -> None:
+        try:
+            self.close()
+        except Exception:  # pragma: no cover - interpreter shutdown
+            pass
+
+    @staticmethod
+    def _finalize(ref: Any) -> None:  # pragma: no cover - garbage collection
+        pass
+
+    def run(self):  # type: ignore[no-untyped-def]
+        """A reader on this tracker's run (flushes first)."""
+        if self.store is None:
+            raise RuntimeError("This Tracker has no run directory (run=None); use tracker.history.")
+        if not self.closed:
+            self.flush()
+        from .store import Run
+
+        return Run(self.store.db_path)
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _as_float(v: Any) -> float:
+    if isinstance(v, torch.Tensor):
+        v = v.detach()
+        if v.numel() != 1:
+            raise ValueError(f"A scalar passed to Tracker.step must have one element. Got shape {tuple(v.shape)}.")
+        return float(v.item())
+    try:
+        return float(v)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"Scalars passed to Tracker.step must be numbers. Got {v!r}.") from e
+
+
+
