@@ -108,7 +108,10 @@ def _eigvalsh_desc(G: torch.Tensor) -> np.ndarray:
             f"The Gram matrix has a large negative eigenvalue ({most_negative:.3e}, largest {scale:.3e}); "
             "it is not positive semi-definite."
         )
-    return np.clip(ev, 0.0, None)
+    ev = np.clip(ev, 0.0, None)
+    # Eigenvalues under the float64 round-off level of this matrix are zero, not signal.
+    ev[ev < G.shape[0] * np.finfo(np.float64).eps * scale] = 0.0
+    return ev
 
 
 def spectrum_from_gram(

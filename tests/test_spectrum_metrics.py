@@ -1,0 +1,209 @@
+"""Metrics against analytic spectra, centered and uncentered, both sides of the Gram trick."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import dimscope
+from dimscope.metrics import (
+    DEFAULT_METRICS,
+    compute_metrics,
+    effective_rank,
+    energy_rank,
+    eps_rank,
+    measure_ndt,
+    ndt_participation_ratio,
+    nuclear_ratio,
+    participation_ratio,
+    rankme,
+    stable_rank,
+)
+from dimscope.spectrum import NonFiniteError, Spectrum, spectrum, spectrum_from_gram, weight_spectrum
+
+REL = 1e-6
+
+
+def planted(n: int, eigs: np.ndarray, *, centered: bool = True, seed: int = 0) -> np.ndarray:
+    """An n x d matrix whose (centered or uncentered) covariance has exactly the eigenvalues ``eigs``."""
+    rng = np.random.default_rng(seed)
+    d = len(eigs)
+    k = int(np.count_nonzero(eigs))
+    assert k <= n - (1 if centered else 0)
+    # Orthonormal columns in sample space, orthogonal to the all-ones vector when centered.
+    A = rng.standard_normal((n, k))
+    if centered:
+        A -= A.mean(0)
+    Q, _ = np.linalg.qr(A)
+    R, _ = np.linalg.qr(rng.standard_normal((d, d)))  # random rotation in feature space
+    denom = (n - 1) if centered else n
+    Z = np.zeros((n, d))
+    Z[:, :k] = Q * np.sqrt(eigs[:k] * denom)
+    X = Z @ R.T
+    if centered:
+        X += rng.standard_normal(d) * 5.0  # an offset that centering must remove
+    return X
+
+
+def analytic(eigs, m):
+    """Closed forms; RankMe's +1e-7 applies to all m = min(n-1, d) eigenvalues, zeros included."""
+    full = np.zeros(m)
+    full[: min(m, len(eigs))] = np.sort(np.asarray(eigs, float))[::-1][:m]
+    lam = full[full > 0]
+    p = lam / lam.sum()
+    sv = np.sqrt(lam)
+    svf = np.sqrt(full)
+    q = svf / svf.sum() + 1e-7
+    return {
+        "stable_rank": lam.sum() / lam.max(),
+        "participation_ratio": lam.sum() ** 2 / (lam**2).sum(),
+        "effective_rank": math.exp(-(p * np.log(p)).sum()),
+        "rankme": math.exp(-(q * np.log(q)).sum()),
+        "nuclear_ratio": sv.sum() / sv.max(),
+    }
+
+
+CASES = {
+    "isotropic": np.ones(20),
+    "rank3": np.array([4.0, 2.0, 1.0] + [0.0] * 17),
+    "given": np.array([10.0, 5.0, 2.5, 1.25, 0.6, 0.3, 0.1, 0.05]),
+}
+
+
+@pytest.mark.parametrize("center", [True, False])
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("n", [12, 200])  # n < d (XXᵀ side) and n > d (XᵀX side) for 20-d cases
+def test_metrics_equal_analytic_values(case, center, n):
+    eigs = np.sort(CASES[case])[::-1]
+    if np.count_nonzero(eigs) > n - 1:
+        pytest.skip("more planted directions than samples")
+    X = planted(n, eigs, centered=center)
+    s = spectrum(torch.tensor(X), center=center)
+    want = analytic(eigs, min(n - (1 if center else 0), len(eigs)))
+    got = compute_metrics(s)
+    for name, value in want.items():
+        assert got[name] == pytest.approx(value, rel=REL), name
+    # the spectrum itself
+    k = np.count_nonzero(eigs)
+    np.testing.assert_allclose(s.values[:k], eigs[:k], rtol=1e-8)
+    assert np.all(s.values[k:] < 1e-9 * eigs[0])
+    assert s.ceiling == min(n - (1 if center else 0), len(eigs))
+    assert len(s.values) == s.ceiling
+
+
+def test_gram_trick_both_sides_agree():
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((30, 50)) @ np.diag(np.linspace(1, 3, 50))
+    wide = spectrum(torch.tensor(X))  # n < d: n x n Gram
+    C = np.cov(X, rowvar=False)  # d x d covariance with n - 1
+    ref = np.sort(np.linalg.eigvalsh(C))[::-1][:29]
+    np.testing.assert_allclose(wide.values, ref, rtol=1e-8, atol=1e-10)
+    Xt = X[:, :10]  # n > d: d x d
+    tall = spectrum(torch.tensor(Xt))
+    np.testing.assert_allclose(tall.values, np.sort(np.linalg.eigvalsh(np.cov(Xt, rowvar=False)))[::-1], rtol=1e-8)
+    assert tall.ceiling == 10 and wide.ceiling == 29
+
+
+def test_eps_rank_relative_and_absolute():
+    s = Spectrum(np.array([1.0, 0.5, 1e-2, 1e-4, 1e-6]), 10, 5)
+    assert eps_rank(s) == 3  # > 1e-3 * 1
+    assert eps_rank(s, eps=1e-5) == 4
+    assert eps_rank(s, eps=0.6) == 1
+    s2 = Spectrum(np.array([100.0, 10.0, 1.0, 0.1]), 10, 4)
+    assert eps_rank(s2, eps=0.5, relative=False) == 3
+    assert eps_rank(s2, eps=0.5, relative=True) == 1  # only 100 > 50
+    assert eps_rank(s2, eps=0.05, relative=True) == 2  # > 5
+    with pytest.raises(ValueError, match="'eps' parameter of eps_rank"):
+        eps_rank(s, eps=-1)
+
+
+def test_energy_rank_thresholds():
+    s = Spectrum(np.array([5.0, 3.0, 1.0, 1.0]), 10, 4)  # cumulative 0.5, 0.8, 0.9, 1.0
+    assert energy_rank(s) == 3  # exactly 90 % reached at k = 3
+    assert energy_rank(s, q=0.5) == 1
+    assert energy_rank(s, q=0.81) == 3
+    assert energy_rank(s, q=0.95) == 4
+    with pytest.raises(ValueError, match="'q' parameter of energy_rank"):
+        energy_rank(s, q=1.5)
+
+
+def test_zero_spectrum_gives_zero_metrics():
+    X = torch.ones(10, 4)
+    got = dimscope.measure(X)
+    assert set(got) == set(DEFAULT_METRICS)
+    assert all(v == 0.0 for v in got.values())
+
+
+def test_truncated_spectrum_keeps_trace_for_stable_rank():
+    s = Spectrum(np.array([4.0, 2.0, 1.0, 1.0]), 10, 4)
+    t = s.top(2)
+    assert t.truncated and not s.truncated
+    assert stable_rank(t) == pytest.approx(stable_rank(s))
+    assert participation_ratio(t) != pytest.approx(participation_ratio(s))
+
+
+def test_ndt_convention_is_uncentered_singular_value_pr():
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((64, 32)) + 2.0
+    sv = np.linalg.svd(X, compute_uv=False)
+    got = measure_ndt(torch.tensor(X))
+    assert got["participation_ratio"] == pytest.approx(sv.sum() ** 2 / (sv**2).sum(), rel=REL)
+    assert got["stable_rank"] == pytest.approx((sv**2).sum() / sv[0] ** 2, rel=REL)
+    assert got["nuclear_norm_ratio"] == pytest.approx(sv.sum() / sv[0], rel=REL)
+    # and it differs from dimscope's default (centered, eigenvalue PR)
+    assert dimscope.measure(torch.tensor(X))["participation_ratio"] != pytest.approx(got["participation_ratio"], rel=1e-2)
+    s = spectrum(torch.tensor(X), center=False)
+    assert ndt_participation_ratio(s) == pytest.approx(got["participation_ratio"])
+
+
+def test_matches_ndtracker_package_if_installed():
+    est = pytest.importorskip("ndt.core.estimators")
+    X = torch.randn(64, 40, generator=torch.Generator().manual_seed(0)) + 0.5
+    got = measure_ndt(X)
+    assert got["stable_rank"] == pytest.approx(est.stable_rank(X), rel=1e-4)
+    assert got["participation_ratio"] == pytest.approx(est.participation_ratio(X), rel=1e-4)
+    assert got["cumulative_90"] == est.cumulative_energy_90(X)
+    assert got["nuclear_norm_ratio"] == pytest.approx(est.nuclear_norm_ratio(X), rel=1e-4)
+
+
+def test_weight_spectrum_is_squared_singular_values():
+    W = torch.randn(8, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    s = weight_spectrum(W)
+    np.testing.assert_allclose(s.values, torch.linalg.svdvals(W).numpy() ** 2, rtol=1e-10)
+    conv = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    assert weight_spectrum(conv).n_features == 27
+
+
+def test_float32_input_is_upcast():
+    X32 = torch.randn(100, 10, generator=torch.Generator().manual_seed(0)) * 1e3 + 1e4
+    s32 = spectrum(X32)
+    s64 = spectrum(X32.double())
+    np.testing.assert_allclose(s32.values, s64.values, rtol=1e-12)
+
+
+def test_bad_input_errors():
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        spectrum(torch.randn(1, 5))
+    with pytest.raises(ValueError, match="2-D"):
+        spectrum(torch.randn(5))
+    with pytest.raises(TypeError, match="torch.Tensor or numpy"):
+        spectrum([[1.0, 2.0]])
+    with pytest.raises(NonFiniteError):
+        spectrum(torch.tensor([[1.0, float("nan")], [0.0, 1.0]]))
+    with pytest.raises(ValueError, match="unknown metric 'stable_rnk'.*Closest: stable_rank"):
+        dimscope.measure(torch.randn(5, 3), metrics=["stable_rnk"])
+
+
+def test_spectrum_from_gram_matches_direct():
+    X = torch.randn(50, 6, dtype=torch.float64)
+    Xc = X - X.mean(0)
+    s = spectrum_from_gram(Xc.T @ Xc, 50, 6, centered=True)
+    np.testing.assert_allclose(s.values, spectrum(X).values, rtol=1e-10)
+
+
+def test_rankme_and_effective_rank_isotropic_equal_dimension():
+    s = Spectrum(np.ones(16), 100, 16)
+    assert effective_rank(s) == pytest.approx(16.0, rel=REL)
+    assert rankme(s) == pytest.approx(16.0, rel=1e-4)  # the +1e-7 moves it slightly
+    assert nuclear_ratio(s) == pytest.approx(16.0)

@@ -1,0 +1,297 @@
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+import dimscope
+from dimscope.capture import count_hooks
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Dropout(0.1), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def train(model, tracker, steps=30, seed=0, bad_at=None):
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for step in range(steps):
+        x = torch.randn(32, 10, generator=g)
+        if bad_at is not None and step >= bad_at:
+            x = x * float("nan")
+        y = (x[:, 0] > 0).long()
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        tracker.step(step, loss=loss.item(), lr=0.05)
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_probe_mode_values_match_direct_measurement(tmp_path, background):
+    model = mlp()
+    probe = torch.randn(64, 10, generator=torch.Generator().manual_seed(1))
+    with dimscope.Tracker(model, probe=probe, every=5, layers=["0", "3"], run=tmp_path / "r", background=background) as tr:
+        train(model, tr, steps=21)
+    run = dimscope.open_run(tmp_path / "r")
+    sr = run.metric("stable_rank", "3")
+    assert list(sr.index) == [0, 5, 10, 15, 20]  # optimizer steps, not sample indices
+    # the final measurement equals a direct computation on the final model
+    model.eval()
+    with torch.no_grad():
+        h = model[:4](probe)
+    assert sr.loc[20] == pytest.approx(dimscope.stable_rank(dimscope.spectrum(h)), rel=1e-9)
+    loss = run.training("loss")
+    assert len(loss) == 21 and list(loss.index) == list(range(21))
+    assert list(run.training("lr").unique()) == [0.05]
+    # weight space beside activation space
+    w = run.metric("stable_rank", "0", space="weight")
+    W = model[0].weight.detach().double()
+    sv = torch.linalg.svdvals(W)
+    assert w.loc[20] == pytest.approx(float((sv**2).sum() / sv[0] ** 2), rel=1e-9)
+    # spectra stored in full and recomputable with another epsilon
+    spec = run.spectra("0").loc[20]
+    assert len(spec.values) == min(63, 32) and spec.n_samples == 64 and spec.centered
+    rec = run.recompute("eps_rank", layer="0", eps=0.5)
+    assert rec.loc[rec.step == 20, "value"].item() == dimscope.eps_rank(spec, eps=0.5)
+    m = run.manifest
+    assert m["layers"] == ["0", "3"] and m["every"] == 5 and m["probe_size"] == 64
+    assert m["default_convention"] == "probe/centered" and "stable_rank" in m["metric_definitions"]
+
+
+def test_probe_mode_restores_train_eval_and_grad_mode():
+    model = mlp()
+    model.train()
+    model[2].eval()  # a user-frozen submodule stays frozen
+    seen = {}
+
+    def spy(mod, args, out):
+        seen["training"] = mod.training
+        seen["grad"] = torch.is_grad_enabled()
+
+    h = model[0].register_forward_hook(spy)
+    tr = dimscope.Tracker(model, probe=torch.randn(8, 10), every=1, layers="0", background=False)
+    tr.step(0)
+    tr.close()
+    h.remove()
+    assert seen == {"training": False, "grad": False}  # measured in eval mode under no_grad
+    assert model.training and model[0].training and not model[2].training
+    assert torch.is_grad_enabled()
+
+
+def test_batch_mode_measures_training_forward(tmp_path):
+    model = mlp()
+    with dimscope.Tracker(model, every=10, layers="3", mode="batch", run=tmp_path / "b", weight_metrics=False) as tr:
+        train(model, tr, steps=11)
+    run = dimscope.open_run(tmp_path / "b")
+    df = run.scalars(space="activation")
+    assert set(df.convention) == {"batch/centered"}
+    assert set(df.step) == {0, 10}
+    spec = run.spectra("3").loc[10]
+    assert spec.n_samples == 32  # the mini-batch, not a probe
+    assert run.manifest["default_convention"] == "batch/centered"
+
+
+def test_two_conventions_on_one_run(tmp_path):
+    model = mlp()
+    probe = torch.randn(40, 10)
+    with dimscope.Tracker(model, probe=probe, every=5, layers="0", mode=("probe", "batch"), conventions=("centered", "uncentered"), run=tmp_path / "c") as tr:
+        train(model, tr, steps=6)
+    run = dimscope.open_run(tmp_path / "c")
+    assert run.conventions == ["batch/centered", "batch/uncentered", "probe/centered", "probe/uncentered"]
+    a = run.metric("participation_ratio", "0", convention="probe/centered")
+    b = run.metric("participation_ratio", "0", convention="probe/uncentered")
+    assert a.loc[5] != pytest.approx(b.loc[5])
+
+
+def test_hook_count_unchanged_also_when_forward_raises():
+    model = mlp()
+    before = count_hooks(model)
+    tr = dimscope.Tracker(model, probe=torch.randn(8, 10), mode=("probe", "batch"), every=1, layers="auto")
+    assert count_hooks(model) == before + 3  # batch-mode hooks live while the tracker does
+    tr.step(0)
+    tr.close()
+    assert count_hooks(model) == before
+    # the training forward raises inside the with-block
+    with pytest.raises(RuntimeError):
+        with dimscope.Tracker(model, mode="batch", every=1, layers="auto") as tr:
+            model(torch.randn(4, 11))
+    assert count_hooks(model) == before
+    # the probe forward raises inside a measurement
+    bad_probe = torch.randn(8, 11)
+    tr = dimscope.Tracker(model, probe=bad_probe, every=1, layers="auto", background=False)
+    with pytest.raises(RuntimeError):
+        tr.step(0)
+    tr.close()
+    assert count_hooks(model) == before
+
+
+def test_nan_activations_warn_and_store_nan_while_training_goes_on(tmp_path):
+    model = mlp()
+    probe = torch.randn(16, 10)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        with dimscope.Tracker(model, every=1, layers="3", mode="batch", run=tmp_path / "n", background=False, weight_metrics=False) as tr:
+            train(model, tr, steps=8, bad_at=5)
+    msgs = [str(x.message) for x in w]
+    assert any("NaN or Inf activations in layer '3' at step 5" in m for m in msgs)
+    s = dimscope.open_run(tmp_path / "n").metric("stable_rank", "3")
+    assert list(s.index) == list(range(8))
+    assert s.loc[:4].notna().all() and s.loc[5:].isna().all()
+    assert probe is not None
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, msg",
+    [
+        (dict(every=0), ValueError, "The 'every' parameter of Tracker must be an int >= 1. Got 0 instead."),
+        (dict(every=2.5), TypeError, "The 'every' parameter of Tracker must be an int >= 1. Got 2.5 instead."),
+        (dict(layers=["fc9"]), ValueError, "Unknown layer 'fc9'"),
+        (dict(probe=torch.randn(1, 10)), ValueError, "must hold at least 2 samples. Got 1."),
+        (dict(probe=torch.randn(0, 10)), ValueError, "must hold at least 2 samples. Got 0."),
+        (dict(probe=None), ValueError, "The 'probe' parameter of Tracker is required in probe mode"),
+        (dict(probe="data"), TypeError, "The 'probe' parameter of Tracker must be a tensor"),
+        (dict(mode="online"), ValueError, "The 'mode' parameter of Tracker must be one of 'probe', 'batch'. Got 'online'"),
+        (dict(metrics=["rank"]), ValueError, "unknown metric 'rank'"),
+        (dict(conventions=("whitened",)), ValueError, "The 'conventions' parameter of Tracker must be one of"),
+    ],
+)
+def test_bad_input_errors(kwargs, exc, msg):
+    args = dict(probe=torch.randn(8, 10), every=5, layers="auto")
+    args.update(kwargs)
+    with pytest.raises(exc, match=msg.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.").replace("*", r"\*")):
+        dimscope.Tracker(mlp(), **args)
+
+
+def test_not_a_module_and_bad_step():
+    with pytest.raises(TypeError, match="The 'model' parameter of Tracker must be a torch.nn.Module. Got str instead."):
+        dimscope.Tracker("model", probe=torch.randn(4, 2))
+    tr = dimscope.Tracker(mlp(), probe=torch.randn(8, 10))
+    with pytest.raises(ValueError, match="The 'step' parameter of Tracker.step must be an int >= 0. Got -1 instead."):
+        tr.step(-1)
+    tr.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        tr.step(1)
+
+
+def test_reopen_appends_and_overwrite_starts_afresh(tmp_path):
+    model, probe = mlp(), torch.randn(16, 10)
+    for start in (0, 100):
+        with dimscope.Tracker(model, probe=probe, every=1, layers="0", run=tmp_path / "a") as tr:
+            for s in range(start, start + 3):
+                tr.step(s, loss=1.0)
+    run = dimscope.open_run(tmp_path / "a")
+    assert list(run.metric("stable_rank", "0").index) == [0, 1, 2, 100, 101, 102]
+    assert len(run.manifest["sessions"]) == 2
+    run.close()
+    with dimscope.Tracker(model, probe=probe, every=1, layers="0", run=tmp_path / "a", overwrite=True) as tr:
+        tr.step(7)
+    assert list(dimscope.open_run(tmp_path / "a").metric("stable_rank", "0").index) == [7]
+
+
+def test_run_readable_while_training_writes(tmp_path):
+    model, probe = mlp(), torch.randn(16, 10)
+    tr = dimscope.Tracker(model, probe=probe, every=1, layers="0", run=tmp_path / "live", commit_every=1, background=False)
+    for s in range(5):
+        tr.step(s, loss=float(s))
+    reader = dimscope.open_run(tmp_path / "live")
+    assert list(reader.metric("stable_rank", "0").index) == [0, 1, 2, 3, 4]
+    tr.step(5)
+    assert 5 in reader.metric("stable_rank", "0").index
+    tr.close()
+
+
+def test_export_csv_and_parquet(tmp_path):
+    model = mlp()
+    with dimscope.Tracker(model, probe=torch.randn(16, 10), every=2, layers="0", run=tmp_path / "e") as tr:
+        train(model, tr, steps=5)
+    run = dimscope.open_run(tmp_path / "e")
+    csv = run.export(tmp_path / "out", format="csv")
+    df = pd.read_csv(csv)
+    assert {"step", "layer", "metric", "value", "space", "convention"} <= set(df.columns)
+    assert len(df) == len(run.scalars())
+    pytest.importorskip("pyarrow")
+    pq = run.export(tmp_path / "out.parquet", format="parquet")
+    assert pd.read_parquet(pq).shape == df.shape
+    with pytest.raises(ValueError, match="'format' parameter of Run.export"):
+        run.export(tmp_path / "x", format="xlsx")
+
+
+def test_conv_and_sequence_outputs():
+    conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1))
+    tr = dimscope.Tracker(conv, probe=torch.randn(6, 3, 5, 5), every=1, background=False, max_rows=100)
+    vals = tr.step(0)
+    tr.close()
+    assert vals[("0", "stable_rank")] > 1 and math.isfinite(vals[("2", "participation_ratio")])
+    layer = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, batch_first=True)
+    tr = dimscope.Tracker(layer, probe=torch.randn(4, 7, 16), every=1, layers="linear1", background=False)
+    vals = tr.step(0)
+    tr.close()
+    assert 1 < vals[("linear1", "participation_ratio")] <= 27  # 28 tokens as samples, 32 features
+
+
+CHILD = textwrap.dedent(
+    """
+    import sys, time, torch
+    from torch import nn
+    import dimscope
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    tracker = dimscope.Tracker(model, probe=torch.randn(32, 10), every=2, layers="auto", run=sys.argv[1],
+                               commit_every=3, commit_seconds=3600)
+    def report(store):
+        with store._lock:
+            n = store._con.execute(
+                "SELECT COUNT(*) FROM scalars WHERE metric='stable_rank' AND layer='0' AND space='activation'"
+            ).fetchone()[0]
+        print("COMMITTED", n, flush=True)
+    tracker.store.on_commit.append(report)
+    step = 0
+    while True:
+        x = torch.randn(16, 10)
+        loss = model(x).pow(2).mean()
+        opt.zero_grad(); loss.backward(); opt.step()
+        tracker.step(step, loss=loss.item())
+        step += 1
+        time.sleep(0.002)
+    """
+)
+
+
+def test_sigkill_keeps_every_committed_measurement(tmp_path):
+    """Commit policy: every 3 measurements here; a SIGKILL loses at most what was not yet committed."""
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    env = dict(os.environ, PYTHONPATH=str(Path(dimscope.__file__).parents[1]))
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "run")], stdout=subprocess.PIPE, text=True, env=env)
+    reported = []
+    deadline = time.time() + 120
+    try:
+        while len(reported) < 8 and time.time() < deadline:
+            line = proc.stdout.readline()
+            if line.startswith("COMMITTED"):
+                reported.append(int(line.split()[1]))
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+    assert len(reported) == 8 and reported[-1] >= 3 * 7
+    run = dimscope.open_run(tmp_path / "run")
+    steps = list(run.metric("stable_rank", "0").index)
+    # every measurement committed before the kill is there, contiguous from the start: 0, 2, 4, ...
+    assert len(steps) >= reported[-1]
+    assert steps == list(range(0, 2 * len(steps), 2))
+    assert list(run.spectra("0").index) == steps
+    assert run.training("loss").index.max() >= steps[-1]
