@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="dimscope: what happens inside a network while it trains.")
-console = Console()
+console = Console(width=max(110, shutil.get_terminal_size((120, 24)).columns))
 
 
 def _table(df, title: str) -> Table:  # type: ignore[no-untyped-def]
