@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import os
 
 import platform
 import queue
 import threading
 import time
 import warnings
-import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -142,6 +142,11 @@ class _Worker:
         self.thread.start()
 
     def _run(self) -> None:
+        # Best effort (Linux): the measurement thread yields the CPU to training.
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        except (AttributeError, OSError, PermissionError):
+            pass
         while True:
             job = self.q.get()
             try:
@@ -296,7 +301,6 @@ class Tracker:
             self._batch_capture = capture(model, self.layers, clone=True, only_grad=True)
             self._batch_capture.__enter__()
         self._worker = _Worker(queue_size) if background else None
-        self._finalizer = weakref.finalize(self, Tracker._finalize, weakref.ref(self))
         atexit.register(self._atexit)
         for ext in extensions:
             self.add_extension(ext)
@@ -601,10 +605,6 @@ class Tracker:
             self.close()
         except Exception:  # pragma: no cover - interpreter shutdown
             pass
-
-    @staticmethod
-    def _finalize(ref: Any) -> None:  # pragma: no cover - garbage collection
-        pass
 
     def run(self):  # type: ignore[no-untyped-def]
         """A reader on this tracker's run (flushes first)."""
