@@ -21,7 +21,7 @@ import pandas as pd
 
 from . import ReportSection
 
-__all__ = ["report_sections", "html_table", "REPORT_METRICS"]
+__all__ = ["report_sections", "conventions_section", "transitions_section", "validity_section", "html_table", "REPORT_METRICS"]
 
 #: The metrics drawn in the overview and per-layer plots (when the run holds them).
 REPORT_METRICS: tuple[str, ...] = ("stable_rank", "participation_ratio")
@@ -148,6 +148,11 @@ def _ceilings(run: Any, convention: str) -> pd.DataFrame:
         row["capped by probe size"] = bool(s0.n_samples - (1 if s0.centered else 0) < s0.n_features and eps_max is not None and eps_max >= s0.ceiling)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def conventions_section(run: Any) -> ReportSection:
+    """Definitions and conventions of ``run``: centering, probe, ceilings min(n−1, d), detector, commit policy."""
+    return _conventions_section(run, _Inventory(run))
 
 
 def _conventions_section(run: Any, inv: _Inventory) -> ReportSection:
@@ -395,7 +400,8 @@ def _correlations_section(run: Any, metrics: list[str]) -> ReportSection | None:
     return ReportSection("Correlations", "\n".join(parts), figs, order=50, anchor="correlations")
 
 
-def _transitions_section(run: Any) -> ReportSection:
+def transitions_section(run: Any) -> ReportSection:
+    """Phases, transitions (significant ones listed), alerts and noise floors stored in ``run``."""
     from ..plot import phase_events, transition_events
 
     ph = phase_events(run)
@@ -441,7 +447,8 @@ def _transitions_section(run: Any) -> ReportSection:
     return ReportSection("Transitions and phases", "\n".join(parts), order=60, anchor="transitions")
 
 
-def _validity_section(run: Any) -> ReportSection:
+def validity_section(run: Any) -> ReportSection:
+    """The validity panel of the detector (artifact ``transitions/validity``), or a note that it is missing."""
     from ..plot import plot_validity, validity_thresholds
 
     val = _validity(run)
@@ -480,5 +487,5 @@ def report_sections(run: Any) -> list[ReportSection]:
             _weight_section(run, inv, xscale),
             _correlations_section(run, metrics),
         ]
-    sections += [_transitions_section(run), _validity_section(run)]
+    sections += [transitions_section(run), validity_section(run)]
     return [s for s in sections if s is not None]
