@@ -296,6 +296,9 @@ def test_validity_panel_colours_each_fixture_against_its_threshold() -> None:
     assert [to_hex(b.get_facecolor()[:3]) for b in fp_ax.patches] == ["#2ca02c", "#2ca02c"]  # 0 and 1.5 <= 2
     assert recall_ax.get_title() == "mean recall 0.8 (VALID needs ≥ 0.8)"
     assert fig.get_suptitle() == "detector Pelt: NOT VALID"
+    # thresholds at the record's top level (as ValidityReport.to_dict writes them) win over params
+    fig = plot_validity({**VALIDITY, "min_recall": 0.5})
+    assert [to_hex(b.get_facecolor()[:3]) for b in fig.axes[0].patches] == ["#2ca02c", "#2ca02c"]
 
 
 def test_activation_vs_weight_uses_both_spaces(report: tuple[Path, Path, str]) -> None:

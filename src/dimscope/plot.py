@@ -199,9 +199,11 @@ def _shade_phases(ax: Axes, phases: pd.DataFrame) -> set[str]:
 
 
 def _apply_xscale(ax: Axes, xscale: str, max_step: float) -> None:
-    """``"linear"``, or ``"symlog"``: linear up to ``max_step / 100`` (at least 10 steps), logarithmic beyond."""
+    """``"linear"``, or ``"symlog"``: linear up to the power of ten nearest above ``max_step / 100`` (at least
+    10 steps), logarithmic beyond; the linear stretch is as wide as one decade."""
     if xscale == "symlog":
-        ax.set_xscale("symlog", linthresh=max(10.0, float(max_step) / 100.0), linscale=0.5)
+        linthresh = 10.0 ** math.ceil(math.log10(max(10.0, float(max_step) / 100.0)))
+        ax.set_xscale("symlog", linthresh=linthresh, linscale=1.0)
 
 
 def _check_xscale(xscale: str, owner: str) -> str:
@@ -536,10 +538,13 @@ def _param(params: Mapping[str, Any], keys: Sequence[str], default: float) -> fl
 def validity_thresholds(validity: Mapping[str, Any]) -> tuple[float, float]:
     """(minimum mean recall, maximum false positives per 1000 steps) of a validity record.
 
-    Read from its ``params`` when present, else ndtracker's harness values (0.75, 2).
+    Read from the record's top level (``min_recall``, ``max_fp_per_1000``), else from its ``params``,
+    else ndtracker's harness values (0.75, 2).
     """
     params = validity.get("params") or {}
-    return _param(params, _RECALL_KEYS, 0.75), _param(params, _FP_KEYS, 2.0)
+    rmin = _param(validity, _RECALL_KEYS, _param(params, _RECALL_KEYS, 0.75))
+    fpmax = _param(validity, _FP_KEYS, _param(params, _FP_KEYS, 2.0))
+    return rmin, fpmax
 
 
 def plot_validity(validity: Mapping[str, Any] | Run | str | os.PathLike[str]) -> Figure:

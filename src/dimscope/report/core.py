@@ -108,7 +108,7 @@ def _xscale(inv: _Inventory) -> str:
 def _xscale_note(xscale: str) -> str:
     if xscale == "symlog":
         return (
-            " The step axis is <em>symlog</em>: linear over the first 1% of training, logarithmic beyond, so the "
+            " The step axis is <em>symlog</em>: linear over roughly the first 1% of training, logarithmic beyond, so the "
             "early steps where most of the change happens are readable."
         )
     return ""
