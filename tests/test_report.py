@@ -212,6 +212,9 @@ def test_report_states_conventions_and_ceilings(report: tuple[Path, Path, str]) 
     # detector and thresholds, read from the validity artifact's params (0.8, not the 0.75 default)
     assert "Pelt" in sec and "mean recall ≥ 0.8" in sec and "penalty" in sec
     assert "commit" in sec and "WAL" in sec
+    defs = read_tables(sec.split("<h3>Metric definitions</h3>")[1])[0].set_index("metric")
+    assert defs.loc["eps_rank", "parameters"] == "eps=0.001, relative=True"
+    assert defs.loc["energy_rank", "parameters"] == "q=0.9"
 
 
 def test_report_transition_and_validity_sections(report: tuple[Path, Path, str]) -> None:
@@ -421,3 +424,18 @@ def test_matplotlib_stays_out_of_the_training_path(tmp_path: Path) -> None:
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env={**__import__("os").environ, "PYTHONPATH": str(Path(dimscope.__file__).parents[1])})
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "ok"
+
+
+def test_report_of_a_run_with_no_measurement_yet(tmp_path: Path) -> None:
+    """A run opened but not yet measured (e.g. read while training starts) still gets a report that says so."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    tr = dimscope.Tracker(model, probe=torch.randn(10, 4), every=5, layers=["0"], run=str(tmp_path / "run"), background=False)
+    tr.close()
+    from dimscope.report import write_report
+
+    html = write_report(tmp_path / "run", analyze=False).read_text()
+    page = _Page()
+    page.feed(html)
+    assert page.sections == ["conventions", "transitions", "validity"]
+    assert "no measurement stored yet" in html and page.images == []
+    assert (tmp_path / "run" / "report" / "report.html").is_file()

@@ -145,6 +145,7 @@ def _ceilings(run: Any, convention: str) -> pd.DataFrame:
             except KeyError:
                 pass
         eps_max = row.get("max eps_rank")
+        row["eps_rank reaches ceiling"] = bool(eps_max is not None and eps_max >= s0.ceiling)
         row["capped by probe size"] = bool(s0.n_samples - (1 if s0.centered else 0) < s0.n_features and eps_max is not None and eps_max >= s0.ceiling)
         rows.append(row)
     return pd.DataFrame(rows)
@@ -153,6 +154,22 @@ def _ceilings(run: Any, convention: str) -> pd.DataFrame:
 def conventions_section(run: Any) -> ReportSection:
     """Definitions and conventions of ``run``: centering, probe, ceilings min(n−1, d), detector, commit policy."""
     return _conventions_section(run, _Inventory(run))
+
+
+def _metric_params(name: str, given: Mapping[str, Any] | None) -> str:
+    """The parameters a metric was computed with: its function's defaults, overridden by the run's."""
+    import inspect
+
+    from ..metrics import METRICS
+
+    fn = METRICS.get(name)
+    params: dict[str, Any] = {}
+    if fn is not None:
+        for i, p in enumerate(inspect.signature(fn).parameters.values()):
+            if i > 0 and p.default is not inspect.Parameter.empty:
+                params[p.name] = p.default
+    params.update(given or {})
+    return ", ".join(f"{k}={v}" for k, v in params.items())
 
 
 def _conventions_section(run: Any, inv: _Inventory) -> ReportSection:
@@ -166,7 +183,8 @@ def _conventions_section(run: Any, inv: _Inventory) -> ReportSection:
         ("run", f"<code>{_e(run.path)}</code>"),
         ("model", _e(f"{man.get('model_class', '?')} · {man.get('n_parameters', '?')} parameters")),
         ("layers (module paths)", ", ".join(f"<code>{_e(x)}</code>" for x in run.layers)),
-        ("measured", _e(f"every {man.get('every', '?')} optimizer steps, steps {first}–{last}, {n_meas} measurements")),
+        ("measured", _e(f"every {man.get('every', '?')} optimizer steps, steps {first}–{last}, {n_meas} measurements" if n_meas
+                        else f"every {man.get('every', '?')} optimizer steps; no measurement stored yet")),
         ("convention shown", f"<code>{_e(conv)}</code> — mode {_e(mode)} (" + (
             "a fixed probe set, the same inputs at every measurement, under torch.no_grad() in eval mode"
             if mode == "probe" else "the live training mini-batch") + "); "
@@ -176,7 +194,8 @@ def _conventions_section(run: Any, inv: _Inventory) -> ReportSection:
         ("samples per layer", _e(f"at most {man.get('max_rows')} rows (tokens/positions subsampled with a fixed seed); conv outputs: {man.get('conv')}")),
         ("spectrum", "eigenvalues of C = XᵀX/(n−1) (centered; XᵀX/n uncentered) in float64, from the smaller of XᵀX or XXᵀ; "
             "tiny negative round-off clamped to 0"),
-        ("weight space", "singular values² of each layer's weight matrix" if man.get("weight_metrics") else "not recorded"),
+        ("weight space", "σ_i(W)² of each layer's weight matrix reshaped to (out, −1), uncentered, no division by n"
+            if man.get("weight_metrics") else "not recorded"),
         ("steps", "optimizer steps as passed to <code>tracker.step</code>, never sample indices"),
         ("commit policy", "SQLite in WAL mode; the writer commits at least every <code>commit_every</code> measurements "
             "(default 10) or <code>commit_seconds</code> (default 2 s), at <code>close()</code> and when training raises; "
@@ -187,7 +206,7 @@ def _conventions_section(run: Any, inv: _Inventory) -> ReportSection:
         items.append(("config", f"<code>{_e(json.dumps(cfg, default=str))}</code>"))
     defs = man.get("metric_definitions") or {}
     params = man.get("metrics") or {}
-    def_rows = [{"metric": k, "definition (λ: eigenvalues, σ = √λ)": v, "parameters": params.get(k) or ""} for k, v in defs.items()]
+    def_rows = [{"metric": k, "definition (λ: eigenvalues, σ = √λ)": v, "parameters": _metric_params(k, params.get(k))} for k, v in defs.items()]
     ceil = _ceilings(run, conv)
     parts = [
         "<p>Every curve in this report is a pure function of one eigen-spectrum per layer and measurement. "
