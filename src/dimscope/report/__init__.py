@@ -12,7 +12,7 @@ import io
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ReportSection", "SECTION_PROVIDERS", "figure_to_png", "png_data_uri"]
+__all__ = ["ReportSection", "SECTION_PROVIDERS", "figure_to_png", "png_data_uri", "write_report"]
 
 
 @dataclass
@@ -50,3 +50,12 @@ def figure_to_png(fig: Any, dpi: int = 110) -> bytes:
 
 def png_data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def __getattr__(name: str) -> Any:
+    # ``write_report`` lives in report/html.py; imported lazily so that importing this package stays light.
+    if name == "write_report":
+        from .html import write_report
+
+        return write_report
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
