@@ -10,19 +10,22 @@ it) and ``trainer.should_stop = True`` when a Lightning ``trainer`` is given.
 Two ways alerts reach it:
 
 * **pushed**: the alert producer calls :meth:`StopOnAlert.notify` (no latency);
-* **polled**: after every measurement it reads new committed ``"alert"`` events of the run (its own
-  reader connection), so an alert is seen once the store has committed it — at most the store's
-  commit policy later (``commit_every`` measurements / ``commit_seconds``).
+* **polled**: at the start of a training step (at most every ``poll_seconds``) it reads the new
+  committed ``"alert"`` events of the run with its own reader connection, on the training thread. An
+  alert is seen once the store has committed it: at most the store's commit policy later
+  (``commit_every`` measurements / ``commit_seconds``); with ``commit_every=1`` and
+  ``background=False``, at the step right after the measurement that raised it.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from .._validation import check_int
+from .._validation import check_float, check_int
 from ..tracker import Tracker, TrackerExtension
 
 __all__ = ["StopOnAlert"]
@@ -45,7 +48,9 @@ class StopOnAlert(TrackerExtension):
     trainer:
         An object with a ``should_stop`` attribute (Lightning's ``Trainer``), set to True on stop.
     poll:
-        Read alert events from the run after every measurement.
+        Read alert events from the run (needs a Tracker with a run directory).
+    poll_seconds:
+        The least time between two reads of the run.
     """
 
     name = "stop_on_alert"
@@ -58,12 +63,15 @@ class StopOnAlert(TrackerExtension):
         on_alert: Callable[[dict[str, Any]], None] | None = None,
         trainer: Any = None,
         poll: bool = True,
+        poll_seconds: float = 1.0,
     ) -> None:
         self.alerts = alerts
         self.stop_after = stop_after
         self.on_alert = on_alert
         self.trainer = trainer
         self.poll = poll
+        self.poll_seconds = poll_seconds
+        self._last_poll = float("-inf")
         self.should_stop = False
         self.seen: list[dict[str, Any]] = []
         self._last_id = 0
@@ -73,6 +81,7 @@ class StopOnAlert(TrackerExtension):
 
     def setup(self, tracker: Tracker) -> None:
         check_int(self.stop_after, "stop_after", min_value=0, owner="StopOnAlert")
+        check_float(self.poll_seconds, "poll_seconds", low=0.0, owner="StopOnAlert")
         self.alerts_ = None if self.alerts is None else set(self.alerts)
         self._tracker = tracker
         if self.poll and tracker.store is not None:
@@ -83,8 +92,12 @@ class StopOnAlert(TrackerExtension):
             ev = self._reader.events("alert")
             self._last_id = int(ev["id"].max()) if len(ev) else 0  # alerts of earlier sessions do not count
 
-    def notify(self, event: Mapping[str, Any]) -> None:
-        """Push one alert event (dict with step, layer, metric, payload); thread-safe."""
+    def notify(self, event: Mapping[str, Any], *, on_training_thread: bool = False) -> None:
+        """Push one alert event (dict with step, layer, metric, payload); thread-safe.
+
+        Logging, ``on_alert`` and the stop run on the training thread (at the next step) unless
+        ``on_training_thread`` says the caller already is there.
+        """
         ev = {k: event.get(k) for k in ("step", "layer", "metric")}
         ev["payload"] = dict(event.get("payload") or {})
         name = ev["payload"].get("alert")
@@ -93,7 +106,7 @@ class StopOnAlert(TrackerExtension):
         with self._lock:
             self.seen.append(ev)
             stop = self.stop_after > 0 and len(self.seen) >= self.stop_after
-        if self._tracker is not None:
+        if self._tracker is not None and not on_training_thread:
             self._tracker.call_soon(lambda: self._handle(ev, stop))
         else:
             self._handle(ev, stop)
@@ -108,17 +121,23 @@ class StopOnAlert(TrackerExtension):
                 self.trainer.should_stop = True
             log.warning("dimscope: stopping training after %d alert(s).", len(self.seen))
 
-    def on_metrics(self, tracker: Tracker, step: int, values: dict[tuple[str, str], float]) -> None:
+    def _poll(self) -> None:
         if self._reader is None:
             return
+        self._last_poll = time.monotonic()
         ev = self._reader.events("alert")
         new = ev[ev["id"] > self._last_id]
         for _, row in new.iterrows():
             self._last_id = max(self._last_id, int(row["id"]))
-            self.notify({"step": None if row["step"] != row["step"] else int(row["step"]), "layer": row["layer"], "metric": row["metric"], "payload": row["payload"]})
+            step = None if row["step"] != row["step"] else int(row["step"])  # NaN → None
+            self.notify({"step": step, "layer": row["layer"], "metric": row["metric"], "payload": row["payload"]}, on_training_thread=True)
+
+    def on_step(self, tracker: Tracker, step: int, measuring: bool) -> None:
+        if self._reader is not None and time.monotonic() - self._last_poll >= self.poll_seconds:
+            self._poll()
 
     def close(self, tracker: Tracker) -> None:
         if self._reader is not None:
-            self.on_metrics(tracker, -1, {})
+            self._poll()
             self._reader.close()
             self._reader = None
