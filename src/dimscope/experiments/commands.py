@@ -70,5 +70,5 @@ def register(app: typer.Typer) -> None:
         first = res["first"].pivot(index="layer", columns="class", values="first_step")
         first = first.reset_index()
         first.columns = [str(c) for c in first.columns]
-        _print_df(first, "first step each class is decodable (ridge probe, AUC ≥ 0.95 twice in a row; blank = never)")
+        _print_df(first, "first step each class is decodable (ridge probe, AUC ≥ 0.95 twice in a row; nan = never)")
         _console().print(f"test accuracy {res['test_accuracy']:.3f} · run: {run}")
