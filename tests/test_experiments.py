@@ -217,3 +217,32 @@ def test_recipes_quick_from_the_cli(tmp_path, capsys) -> None:
     assert set(first["class"]) == set(range(10))
     secs = report_section(run)
     assert secs[0].title == "Feature formation map"
+
+
+def test_readme_monitoring_example_stops_on_rank_floor(tmp_path) -> None:
+    """The README's custom alert source + StopOnAlert: an impossible floor alerts at the first measurement."""
+
+    class RankFloor(dimscope.TrackerExtension):
+        def __init__(self, layer, floor):  # type: ignore[no-untyped-def]
+            self.layer, self.floor = layer, floor
+
+        def on_metrics(self, tracker, step, values):  # type: ignore[no-untyped-def]
+            v = values.get((self.layer, "stable_rank"))
+            if v is not None and v < self.floor:
+                tracker.store.add_event(step, "alert", layer=self.layer, metric="stable_rank",
+                                        payload={"alert": "rank_floor", "message": f"stable rank {v:.2f} < {self.floor}"})
+
+    model = small(0)
+    stopper = StopOnAlert(alerts=["rank_floor"], poll_seconds=0)
+    data = blobs()
+    steps_run = 0
+    with dimscope.Tracker(model, probe=data.X_test, every=5, run=str(tmp_path / "r"), commit_every=1, background=False,
+                          extensions=[RankFloor("0", 1e9), stopper]) as tr:
+        for step in range(50):
+            tr.step(step, loss=1.0)
+            steps_run += 1
+            if stopper.should_stop:
+                break
+    assert steps_run == 2  # alert at step 0's measurement, stop at step 1
+    ev = dimscope.open_run(tmp_path / "r").events("alert")
+    assert len(ev) == 1 and ev["payload"].iloc[0]["alert"] == "rank_floor"

@@ -40,10 +40,11 @@ def _formation_section(run: Any) -> Any:
     layers = list(dict.fromkeys(table["layer"]))
     classes = sorted(table["class"].unique())
     steps = sorted(table["step"].unique())
+    vmin = float(np.clip(np.floor(np.nanmin(table["auc"].to_numpy(dtype=float)) * 20) / 20, 0.5, 0.95)) if table["auc"].notna().any() else 0.5
     fig, axes = plt.subplots(1, len(layers), figsize=(3.2 * len(layers), 3.0), squeeze=False, sharey=True)
     for ax, layer in zip(axes[0], layers):
         m = table[table["layer"] == layer].pivot(index="class", columns="step", values="auc").reindex(index=classes, columns=steps)
-        im = ax.imshow(m.to_numpy(), aspect="auto", vmin=0.5, vmax=1.0, cmap="viridis", origin="lower",
+        im = ax.imshow(m.to_numpy(), aspect="auto", vmin=vmin, vmax=1.0, cmap="viridis", origin="lower",
                        extent=(steps[0], steps[-1], -0.5, len(classes) - 0.5), interpolation="nearest")
         ax.set_title(layer, fontsize=9)
         ax.set_xlabel("step")
