@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..tracker import Tracker
-from ._training import ClassificationData, build_model, digits_data, train_classifier
+from ._training import build_model, digits_data, train_classifier
 from .formation import FormationMap
 from .intervention import InterventionResult, intervention
 from .screening import ScreenResult, screen
@@ -143,4 +143,3 @@ def formation_recipe(
     return {"run": str(run), "test_accuracy": acc, "first": fmap.first_decodable()}
 
 
-__all__ += ["ClassificationData"]
