@@ -23,7 +23,8 @@ The rules run in this order; the first one that finds layers decides the family:
    run (e.g. ``features.2`` for ``Conv2d, BatchNorm2d, ReLU``). A conv outside a Sequential (its
    activation applied functionally in ``forward``) is tracked at its own output.
 5. **MLP** — the output of every ``nn.Linear``.
-6. Otherwise (``"custom"``): every Linear or conv module; an error when there is none.
+6. Otherwise (``"custom"``): nothing is chosen, and ``resolve_layers`` raises an error asking for
+   explicit ``layers=`` (or a rule).
 
 The result is printed once when a Tracker or :class:`dimscope.capture` resolves ``"auto"``
 (one line on stderr: family, count, names); pass an explicit ``layers=`` to override it, or add a
