@@ -47,9 +47,10 @@ def _check_module(model: Any, owner: str) -> nn.Module:
 
 
 def auto_layers(model: nn.Module) -> list[str]:
-    """The default layer set: the outputs of every ``nn.Linear`` and conv layer, in module order."""
-    kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-    return [name for name, m in model.named_modules() if name and isinstance(m, kinds)]
+    """The default layer set per architecture family (see :mod:`dimscope.architectures`), announced on stderr."""
+    from .architectures import auto_layers as _auto_layers
+
+    return _auto_layers(model, announce=True)
 
 
 def resolve_layers(model: nn.Module, layers: LayerSelection) -> list[str]:
