@@ -231,7 +231,7 @@ def test_export_csv_and_parquet(tmp_path):
 
 def test_conv_and_sequence_outputs():
     conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1))
-    tr = dimscope.Tracker(conv, probe=torch.randn(6, 3, 5, 5), every=1, background=False, max_rows=100)
+    tr = dimscope.Tracker(conv, probe=torch.randn(6, 3, 5, 5), every=1, layers=["0", "2"], background=False, max_rows=100)
     vals = tr.step(0)
     tr.close()
     assert vals[("0", "stable_rank")] > 1 and math.isfinite(vals[("2", "participation_ratio")])
