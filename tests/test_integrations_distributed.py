@@ -1,0 +1,117 @@
+"""DistributedTracker: 2 gloo processes on CPU give the values of one process on the same probe (1e-6)."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import dimscope
+from dimscope.integrations.distributed import DistributedTracker, shard_bounds
+from dimscope.metrics import compute_metrics
+
+from _integration_helpers import mlp
+
+PROBE_N = 37  # odd: the two ranks measure 19 and 18 rows
+EVERY = 2
+
+
+def _probe() -> torch.Tensor:
+    return torch.randn(PROBE_N, 12, generator=torch.Generator().manual_seed(7)) * 3.0 + 5.0  # a large mean
+
+
+def _worker(rank: int, world: int, tmp: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
+    try:
+        model = mlp(seed=0)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+        g = torch.Generator().manual_seed(100 + rank)  # each rank its own data
+        tracker = DistributedTracker(model, probe=_probe(), every=EVERY, layers=["0", "2", "4"], run=f"{tmp}/run",
+                                     conventions=("centered", "uncentered"), max_rows=None)
+        for step in range(5):
+            x, y = torch.randn(16, 12, generator=g), torch.randint(0, 3, (16,), generator=g)
+            loss = torch.nn.functional.cross_entropy(ddp(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            values = tracker.step(step, loss=loss.item())
+            if step % EVERY == 0:
+                assert values is not None and values[("2", "stable_rank")] > 0
+                torch.save(values, f"{tmp}/values_rank{rank}_step{step}.pt")
+                if rank == 0:
+                    torch.save(model.state_dict(), f"{tmp}/state_step{step}.pt")
+        tracker.close()
+        assert tracker.probe_bounds == shard_bounds(PROBE_N, world, rank)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_shard_bounds_cover_the_probe_once():
+    for n, w in [(37, 2), (10, 3), (5, 5), (100, 7)]:
+        bounds = [shard_bounds(n, w, r) for r in range(w)]
+        assert bounds[0][0] == 0 and bounds[-1][1] == n
+        assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+        sizes = [b - a for a, b in bounds]
+        assert max(sizes) - min(sizes) <= 1
+
+
+def test_without_a_process_group_it_is_a_tracker():
+    model = mlp(seed=3)
+    probe = _probe()
+    a = DistributedTracker(model, probe=probe, every=1, background=False).step(0)
+    b = dimscope.Tracker(model, probe=probe, every=1, background=False).step(0)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k] == pytest.approx(b[k], rel=1e-9, nan_ok=True)
+
+
+def test_gloo_two_processes_match_one_process(tmp_path):
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    mp.spawn(_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+
+    run = dimscope.open_run(tmp_path / "run")
+    assert run.manifest["distributed"]["world_size"] == 2
+    assert run.manifest["probe_size"] == PROBE_N
+    steps = sorted(run.scalars(space="activation")["step"].unique().tolist())
+    assert steps == [0, 2, 4]
+    n_checked = 0
+    for step in steps:
+        model = mlp(seed=0)
+        model.load_state_dict(torch.load(tmp_path / f"state_step{step}.pt"))
+        ref = dimscope.Tracker(model, probe=_probe(), every=EVERY, layers=["0", "2", "4"], background=False,
+                               conventions=("centered", "uncentered"), max_rows=None)
+        want = ref.step(step)
+        ref.close()
+        with torch.no_grad(), dimscope.capture(model.eval(), ["0", "2", "4"]) as cap:
+            model(_probe())
+        single_spectra = {(conv, layer): dimscope.spectrum(cap.outputs[layer], center=conv == "centered")
+                          for conv in ("centered", "uncentered") for layer in ("0", "2", "4")}
+        # values returned on both ranks equal the single process
+        for rank in (0, 1):
+            got = torch.load(tmp_path / f"values_rank{rank}_step{step}.pt")
+            assert got.keys() - {("", "loss")} == want.keys()
+            for k, v in want.items():
+                assert got[k] == pytest.approx(v, rel=1e-6, abs=1e-9), (rank, step, k)
+                n_checked += 1
+        # the store (rank 0) holds them too, for both conventions, and the spectra
+        df = run.scalars(space="activation")
+        for conv in ("centered", "uncentered"):
+            for layer in ("0", "2", "4"):
+                spec = run.spectra(layer, convention=f"probe/{conv}")[step]
+                one = single_spectra[(conv, layer)]
+                assert spec.n_samples == PROBE_N and spec.centered == (conv == "centered")
+                assert len(spec.values) == len(one.values)
+                assert spec.values == pytest.approx(one.values, rel=1e-6, abs=1e-9 * one.values[0])
+                sel = df[(df.step == step) & (df.layer == layer) & (df.convention == f"probe/{conv}")]
+                stored = dict(zip(sel.metric, sel.value))
+                for m, v in compute_metrics(one, list(stored)).items():
+                    assert stored[m] == pytest.approx(v, rel=1e-6, abs=1e-9) or (math.isnan(v) and math.isnan(stored[m]))
+    assert n_checked > 50
