@@ -1,0 +1,91 @@
+"""Lightning: the callback steps on optimizer steps (gradient accumulation) and feeds the store and sinks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dimscope
+from dimscope.capture import count_hooks
+
+from _integration_helpers import mlp, read_csv_sink, read_tensorboard, store_values
+
+L = pytest.importorskip("lightning.pytorch")
+pytest.importorskip("tensorboard")
+
+from dimscope.integrations.lightning import DimscopeCallback  # noqa: E402
+from dimscope.integrations.sinks import CSVSink, TensorBoardSink  # noqa: E402
+
+
+class Tiny(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = mlp(seed=0)
+        self.losses: list[float] = []
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = torch.nn.functional.cross_entropy(self(x), y)
+        self.losses.append(loss.item())
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _loader():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 12, generator=g), torch.randint(0, 3, (64,), generator=g)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+
+
+def _trainer(tmp_path, cb, **kw):
+    return L.Trainer(max_steps=6, accumulate_grad_batches=2, callbacks=[cb], logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
+                     default_root_dir=str(tmp_path), **kw)
+
+
+def test_lightning_callback_gradient_accumulation_store_and_sinks(tmp_path):
+    module = Tiny()
+    probe = torch.randn(40, 12, generator=torch.Generator().manual_seed(1))
+    cb = DimscopeCallback(probe=probe, every=2, layers=["net.0", "net.2"], run=tmp_path / "run",
+                          sinks=[TensorBoardSink(tmp_path / "tb"), CSVSink(tmp_path / "m.csv")])
+    _trainer(tmp_path, cb).fit(module, _loader())
+    assert cb.tracker is None and count_hooks(module) == 0
+
+    run = dimscope.open_run(tmp_path / "run")
+    # 12 batches, 2 per optimizer step: steps 1..6; measured at 0 (initialization), 2, 4, 6
+    sr = run.metric("stable_rank", "net.2")
+    assert sr.index.tolist() == [0, 2, 4, 6]
+    loss = run.training("loss")
+    assert loss.index.tolist() == [1, 2, 3, 4, 5, 6]  # one value per optimizer step, not per batch
+    want = [(module.losses[2 * k] + module.losses[2 * k + 1]) / 2 for k in range(6)]
+    assert loss.tolist() == pytest.approx(want, rel=1e-6)
+    assert run.training("epoch").to_dict() == {0: 0, 1: 0, 2: 0, 3: 0, 4: 0, 5: 1, 6: 1}  # 4 optimizer steps per epoch
+
+    # the values at step 6 are those of the final model on the probe
+    with torch.no_grad(), dimscope.capture(module.eval(), ["net.2"]) as cap:
+        module(probe)
+    assert sr[6] == pytest.approx(dimscope.stable_rank(dimscope.spectrum(cap.outputs["net.2"])), rel=1e-9)
+
+    expected = store_values(tmp_path / "run")
+    tb, csv_values = read_tensorboard(tmp_path / "tb"), read_csv_sink(tmp_path / "m.csv")
+    assert set(tb) == set(expected) == set(csv_values)
+    for k, v in expected.items():
+        assert tb[k] == pytest.approx(v, rel=1e-6, nan_ok=True)
+        assert csv_values[k] == pytest.approx(v, rel=0, nan_ok=True)
+
+
+def test_lightning_callback_default_run_dir_and_bad_every(tmp_path):
+    with pytest.raises(ValueError, match="'every' parameter of DimscopeCallback must be an int >= 1. Got 0"):
+        DimscopeCallback(probe=torch.randn(8, 12), every=0)
+    module = Tiny()
+    cb = DimscopeCallback(probe=torch.randn(16, 12), every=3, measure_at_start=False)
+    _trainer(tmp_path, cb).fit(module, _loader())
+    assert cb.run_dir == tmp_path / "dimscope"
+    run = dimscope.open_run(cb.run_dir)
+    assert run.metric("participation_ratio", "net.4").index.tolist() == [3, 6]
+    assert run.layers == ["net.0", "net.2", "net.4"]
