@@ -115,3 +115,57 @@ def test_gloo_two_processes_match_one_process(tmp_path):
                 for m, v in compute_metrics(one, list(stored)).items():
                     assert stored[m] == pytest.approx(v, rel=1e-6, abs=1e-9) or (math.isnan(v) and math.isnan(stored[m]))
     assert n_checked > 50
+
+
+def _fsdp_worker(rank: int, world: int, tmp: str) -> None:
+    import warnings
+
+    from torch.distributed.fsdp import fully_shard
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
+    try:
+        model = mlp(seed=0)
+        for i in (0, 2, 4):
+            fully_shard(model[i])
+        fully_shard(model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            tracker = DistributedTracker(model, probe=_probe(), every=1, layers=["0", "2"], run=f"{tmp}/run", max_rows=None)
+        assert any("parameters are sharded" in str(w.message) for w in caught)
+        g = torch.Generator().manual_seed(100 + rank)
+        for step in range(2):
+            loss = model(torch.randn(16, 12, generator=g)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            values = tracker.step(step, loss=loss.item())
+        state = {k: v.full_tensor() for k, v in model.state_dict().items()}  # a collective: every rank
+        if rank == 0:
+            torch.save(state, f"{tmp}/state.pt")
+            torch.save(values, f"{tmp}/values.pt")
+        tracker.close()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp2_two_processes_match_one_process(tmp_path):
+    """FSDP2 (fully_shard) on CPU/gloo: the probe forward needs every rank; activations are exact."""
+    pytest.importorskip("torch.distributed.fsdp")
+    if not dist.is_gloo_available():
+        pytest.skip("gloo is not available")
+    mp.spawn(_fsdp_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    model = mlp(seed=0)
+    model.load_state_dict(torch.load(tmp_path / "state.pt"))
+    want = dimscope.Tracker(model, probe=_probe(), every=1, layers=["0", "2"], background=False, max_rows=None,
+                            weight_metrics=False).step(1)
+    got = torch.load(tmp_path / "values.pt")
+    assert {k for k in got if k[0]} == {k for k in want if k[0]}
+    for k in want:
+        if k[0]:
+            assert got[k] == pytest.approx(want[k], rel=1e-6, abs=1e-9), k
+    run = dimscope.open_run(tmp_path / "run")
+    assert run.manifest["weight_metrics"] is False and run.manifest["distributed"]["sharded_parameters"] is True
+    assert run.scalars(space="weight").empty

@@ -28,9 +28,9 @@ Limits
 * Training scalars (the loss) are those passed on rank 0; pass an all-reduced loss to record the
   global one.
 * Weight spectra and ``grad_norm`` read the local parameters: right under DDP (replicated), not
-  under FSDP, where parameters are sharded — use ``weight_metrics=False`` (and ``grad_norm=False``)
-  there. With FSDP1 the module paths gain ``_fsdp_wrapped_module.``; FSDP2 (``fully_shard``) keeps
-  them.
+  under FSDP, where parameters are sharded — there they are switched off with a warning. With FSDP1
+  the module paths gain ``_fsdp_wrapped_module.``; FSDP2 (``fully_shard``) keeps them. Activations
+  are complete under both: FSDP gathers the parameters in the forward, which runs on every rank.
 * Communication is d² float64 numbers per layer and convention per measurement (a 4096-wide layer:
   128 MiB).
 * NCCL needs CUDA tensors: the statistics are reduced on the current CUDA device there.
@@ -38,6 +38,7 @@ Limits
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -56,6 +57,14 @@ def shard_bounds(n: int, world_size: int, rank: int) -> tuple[int, int]:
     base, extra = divmod(n, world_size)
     a = rank * base + min(rank, extra)
     return a, a + base + (1 if rank < extra else 0)
+
+
+def _has_sharded_parameters(model: nn.Module) -> bool:
+    """True when some parameter is a DTensor (FSDP2 ``fully_shard``) or FSDP1 flattens them."""
+    for m in model.modules():
+        if type(m).__name__ == "FullyShardedDataParallel":
+            return True
+    return any(type(p).__name__ == "DTensor" for p in model.parameters())
 
 
 class DistributedTracker(Tracker):
@@ -86,6 +95,17 @@ class DistributedTracker(Tracker):
         if self.distributed and max_rows is not None:
             max_rows = max(2, max_rows // self.world_size)
         is_zero = self.rank == 0
+        self.sharded_parameters = _has_sharded_parameters(model)
+        if self.sharded_parameters:
+            for flag in ("weight_metrics", "grad_norm"):
+                if kwargs.get(flag, flag == "weight_metrics"):
+                    warnings.warn(
+                        f"dimscope: the model's parameters are sharded (FSDP / DTensor); '{flag}' reads local "
+                        "parameters and is switched off. Activation metrics are unaffected.",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                kwargs[flag] = False
         super().__init__(
             model,
             probe,
@@ -113,6 +133,7 @@ class DistributedTracker(Tracker):
                         "backend": dist.get_backend(group) if self.distributed else None,
                         "probe_split": "contiguous",
                         "max_rows_per_rank": max_rows,
+                        "sharded_parameters": self.sharded_parameters,
                     }
                 }
             )
