@@ -89,3 +89,29 @@ def test_lightning_callback_default_run_dir_and_bad_every(tmp_path):
     run = dimscope.open_run(cb.run_dir)
     assert run.metric("participation_ratio", "net.4").index.tolist() == [3, 6]
     assert run.layers == ["net.0", "net.2", "net.4"]
+
+
+@pytest.mark.slow
+def test_lightning_ddp_spawn_two_cpu_processes(tmp_path):
+    """strategy='ddp_spawn' on 2 CPU processes: the callback switches to the DistributedTracker."""
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("gloo is not available")
+    module = Tiny()
+    probe = torch.randn(41, 12, generator=torch.Generator().manual_seed(1))
+    cb = DimscopeCallback(probe=probe, every=2, layers=["net.0", "net.2"], run=tmp_path / "run", max_rows=None)
+    trainer = L.Trainer(max_steps=4, callbacks=[cb], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", devices=2, strategy="ddp_spawn",
+                        default_root_dir=str(tmp_path))
+    trainer.fit(module, _loader())
+    run = dimscope.open_run(tmp_path / "run")
+    assert run.manifest["distributed"]["world_size"] == 2
+    sr = run.metric("stable_rank", "net.2")
+    assert sr.index.tolist() == [0, 2, 4]
+    # ddp_spawn hands rank 0's final weights back to this process: one process on the whole probe agrees
+    with torch.no_grad(), dimscope.capture(module.eval(), ["net.0", "net.2"]) as cap:
+        module(probe)
+    for layer in ("net.0", "net.2"):
+        spec = dimscope.spectrum(cap.outputs[layer])
+        assert run.metric("stable_rank", layer)[4] == pytest.approx(dimscope.stable_rank(spec), rel=1e-6)
+        assert run.metric("effective_rank", layer)[4] == pytest.approx(dimscope.effective_rank(spec), rel=1e-6)
+        assert run.spectra(layer)[4].n_samples == 41
