@@ -30,6 +30,8 @@ def _worker(rank: int, world: int, tmp: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
     try:
         model = mlp(seed=0)
+        with pytest.raises(ValueError, match=r"at least one sample per rank \(world size 2\). Got 1 samples"):
+            DistributedTracker(model, probe=torch.randn(1, 12))
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
         g = torch.Generator().manual_seed(100 + rank)  # each rank its own data

@@ -8,8 +8,11 @@ Each integration lives in its own submodule and imports its package only when us
 * :mod:`dimscope.integrations.sinks` — mirror metrics to TensorBoard, MLflow, W&B or CSV;
 * :mod:`dimscope.integrations.distributed` — ``DistributedTracker`` for DDP / FSDP.
 
-Notes on ``torch.compile`` are in :mod:`dimscope.integrations.distributed`'s sibling docs
-(README section "Integrations"): hooks registered before compilation keep working.
+``torch.compile`` needs no integration: give the Tracker the eager module and create it before
+compiling. The probe forward then runs eagerly on the shared parameters; hooks registered before
+compilation (batch mode registers them when the Tracker is created) are traced into the compiled
+graph by Dynamo and keep working; a hook registered after the compiled forward first ran is not seen
+by the cached graph (Dynamo does not guard on hooks). See the README section "Integrations".
 """
 
 from __future__ import annotations

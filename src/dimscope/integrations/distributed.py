@@ -71,9 +71,10 @@ class DistributedTracker(Tracker):
     """A :class:`~dimscope.Tracker` whose spectra are reduced across the ranks of a process group.
 
     Takes the Tracker's parameters (see :class:`dimscope.Tracker`) plus ``group`` (a process group,
-    default the world). ``run`` and ``extensions`` are used on rank 0 only. See the module
-    docstring for the algorithm and its limits. When ``torch.distributed`` is not initialized, or
-    the world has one process, it behaves exactly as a :class:`~dimscope.Tracker`.
+    default the world). ``run`` and ``extensions`` are used on rank 0 only; ``background`` is
+    ignored (measurement is synchronous) when a process group is initialized. See the module
+    docstring for the algorithm and its limits. When ``torch.distributed`` is not initialized it
+    behaves exactly as a :class:`~dimscope.Tracker`.
     """
 
     def __init__(
@@ -85,7 +86,7 @@ class DistributedTracker(Tracker):
         run: str | None = None,
         extensions: Sequence[TrackerExtension] = (),
         max_rows: int | None = 4096,
-        background: bool = False,
+        background: bool = True,
         **kwargs: Any,
     ) -> None:
         self.group = group
@@ -95,6 +96,11 @@ class DistributedTracker(Tracker):
         if self.distributed and max_rows is not None:
             max_rows = max(2, max_rows // self.world_size)
         is_zero = self.rank == 0
+        if self.distributed and probe is not None and _probe_len(probe) < self.world_size:
+            raise ValueError(
+                f"The 'probe' parameter of DistributedTracker must hold at least one sample per rank "
+                f"(world size {self.world_size}). Got {_probe_len(probe)} samples."
+            )
         self.sharded_parameters = _has_sharded_parameters(model)
         if self.sharded_parameters:
             for flag in ("weight_metrics", "grad_norm"):
@@ -117,13 +123,7 @@ class DistributedTracker(Tracker):
         )
         self.probe_bounds = (0, _probe_len(probe)) if probe is not None else (0, 0)
         if self.distributed and probe is not None:
-            n = _probe_len(probe)
-            if n < self.world_size:
-                raise ValueError(
-                    f"The 'probe' parameter of DistributedTracker must hold at least one sample per rank "
-                    f"(world size {self.world_size}). Got {n} samples."
-                )
-            self.probe_bounds = shard_bounds(n, self.world_size, self.rank)
+            self.probe_bounds = shard_bounds(_probe_len(probe), self.world_size, self.rank)
             self.probe = _slice_probe(probe, *self.probe_bounds, None)
         if self.store is not None:
             self.store.set_manifest(

@@ -194,8 +194,8 @@ class MLflowSink(Sink):
 class WandbSink(Sink):
     """Metrics to a Weights & Biases run, offline by default.
 
-    Uses ``run`` if given, else the active ``wandb.run`` (e.g. a trainer's W&B logger), else starts
-    one with ``wandb.init(mode=mode, dir=dir, project=project, **init_kwargs)`` and finishes it at
+    Uses ``run`` if given (with Lightning's ``WandbLogger``: ``WandbSink(run=logger.experiment)``),
+    else the active ``wandb.run`` at the time the sink is created, else starts one with ``wandb.init(mode=mode, dir=dir, project=project, **init_kwargs)`` and finishes it at
     close. ``mode`` defaults to ``"offline"`` (nothing leaves the machine; ``wandb sync`` uploads
     later); pass ``mode="online"`` to stream.
 
