@@ -13,9 +13,10 @@ import torch.multiprocessing as mp
 
 import dimscope
 from dimscope.integrations.distributed import DistributedTracker, shard_bounds
+from dimscope.integrations.sinks import CSVSink
 from dimscope.metrics import compute_metrics
 
-from _integration_helpers import mlp
+from _integration_helpers import mlp, read_csv_sink, store_values
 
 PROBE_N = 37  # odd: the two ranks measure 19 and 18 rows
 EVERY = 2
@@ -35,8 +36,9 @@ def _worker(rank: int, world: int, tmp: str) -> None:
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
         g = torch.Generator().manual_seed(100 + rank)  # each rank its own data
+        sink = CSVSink(f"{tmp}/sink_rank{rank}.csv")  # every rank builds it; only rank 0 opens and writes it
         tracker = DistributedTracker(model, probe=_probe(), every=EVERY, layers=["0", "2", "4"], run=f"{tmp}/run",
-                                     conventions=("centered", "uncentered"), max_rows=None)
+                                     conventions=("centered", "uncentered"), max_rows=None, extensions=[sink])
         for step in range(5):
             x, y = torch.randn(16, 12, generator=g), torch.randint(0, 3, (16,), generator=g)
             loss = torch.nn.functional.cross_entropy(ddp(x), y)
@@ -117,6 +119,8 @@ def test_gloo_two_processes_match_one_process(tmp_path):
                 for m, v in compute_metrics(one, list(stored)).items():
                     assert stored[m] == pytest.approx(v, rel=1e-6, abs=1e-9) or (math.isnan(v) and math.isnan(stored[m]))
     assert n_checked > 50
+    assert not (tmp_path / "sink_rank1.csv").exists()
+    assert read_csv_sink(tmp_path / "sink_rank0.csv") == store_values(tmp_path / "run")
 
 
 def _fsdp_worker(rank: int, world: int, tmp: str) -> None:

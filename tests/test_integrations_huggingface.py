@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -64,7 +63,6 @@ def test_hf_trainer_callback_store_mlflow_and_wandb(tmp_path, monkeypatch):
 
     mlflow_sink = MLflowSink((tmp_path / "mlruns").as_uri(), experiment="hf")
     wandb_sink = WandbSink(dir=tmp_path / "wandb", project="hf")
-    wandb_dir = Path(wandb_sink.run.dir).parent
     model = _model()
     probe = _probe()
     cb = DimscopeCallback(probe=probe, every=2, layers=LAYERS, sinks=[mlflow_sink, wandb_sink])
@@ -94,7 +92,7 @@ def test_hf_trainer_callback_store_mlflow_and_wandb(tmp_path, monkeypatch):
     got_mlflow = read_mlflow_files(tmp_path / "mlruns", mlflow_sink.run_id)
     assert set(got_mlflow) == set(expected)
     got_wandb = {}
-    for row in read_wandb_offline(wandb_dir):
+    for row in read_wandb_offline(wandb_sink.run_dir):
         got_wandb.update({(row["dimscope/step"], k): v for k, v in row.items() if k.startswith("dimscope/") and k != "dimscope/step"})
     assert set(got_wandb) == set(expected)
     for k, v in expected.items():

@@ -123,12 +123,13 @@ def test_wandb_offline_sink(tmp_path, monkeypatch):
     from dimscope.integrations.sinks import WandbSink
 
     sink = WandbSink(dir=tmp_path / "wandb", project="tiny")
-    run_dir = Path(sink.run.dir).parent
+    assert sink.run is None  # nothing is opened before the sink is attached
     model = mlp()
     probe = torch.randn(40, 12, generator=torch.Generator().manual_seed(1))
     with dimscope.Tracker(model, probe=probe, every=2, run=str(tmp_path / "run"), extensions=[sink]) as tracker:
         _train(model, tracker)
-    assert run_dir.name.startswith("offline-run-")
+    run_dir = sink.run_dir
+    assert run_dir.name.startswith("offline-run-") and run_dir.parent == tmp_path / "wandb" / "wandb"
     got = {}
     for row in read_wandb_offline(run_dir):
         step = row["dimscope/step"]
@@ -163,6 +164,18 @@ def test_failing_sink_warns_once_and_training_goes_on(tmp_path):
     expected = store_values(tmp_path / "run")
     assert {s for s, _ in expected} == {0, 1, 2, 3, 4}
     _assert_same(expected, read_csv_sink(tmp_path / "ok.csv"))  # the other sink is unaffected
+
+
+def test_sink_that_cannot_open_warns_and_training_goes_on(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    bad = CSVSink(tmp_path / "a_file" / "m.csv")  # its parent is a file: opening fails
+    model = mlp()
+    with pytest.warns(RuntimeWarning, match="the CSV sink failed .*switched off"):
+        with dimscope.Tracker(model, probe=torch.randn(20, 12), every=1, run=str(tmp_path / "run"),
+                              background=False, extensions=[bad]) as tracker:
+            _train(model, tracker, steps=3)
+    assert bad.failed is not None and bad.n_written == 0
+    assert dimscope.open_run(tmp_path / "run").metric("stable_rank", "0").index.tolist() == [0, 1, 2]
 
 
 def test_no_integration_package_is_imported_by_the_training_path(tmp_path):

@@ -16,7 +16,11 @@ Conventions
 * **The run store stays the source of truth.** A sink only copies what the Tracker measured, on the
   Tracker's measurement thread. When a sink raises, it warns once, is switched off for the rest of
   the run, and training goes on; the run store keeps every value.
-* Each package is imported when its sink is created, never by ``import dimscope``.
+* Each package is imported when its sink is created (a missing package fails there, early), never
+  by ``import dimscope``. The backend (writer, run, file) is opened when the sink is attached to a
+  Tracker (:meth:`Sink.setup`), so under torch.distributed only rank 0, which runs the extensions,
+  opens anything; it is closed with the Tracker. A sink can be attached again (a second ``fit``):
+  it opens a fresh writer / run, or appends to the CSV file.
 """
 
 from __future__ import annotations
@@ -45,9 +49,9 @@ def scalar_key(layer: str, metric: str) -> str:
 class Sink(TrackerExtension):
     """Base class: turns the Tracker's values into ``{key: value}`` at a step and calls :meth:`write`.
 
-    Subclasses implement :meth:`write` (and optionally :meth:`_close`). Errors in either are caught:
-    the first one is reported as a ``RuntimeWarning`` and the sink is switched off (``failed``
-    holds the exception); training and the run store are not affected.
+    Subclasses implement :meth:`_open`, :meth:`write` and :meth:`_close`. Errors in any of them are
+    caught: the first one is reported as a ``RuntimeWarning`` and the sink is switched off until it
+    is attached again (``failed`` holds the exception); training and the run store are not affected.
     """
 
     name = "sink"
@@ -55,17 +59,30 @@ class Sink(TrackerExtension):
     def __init__(self, *, include_training: bool = False) -> None:
         self.include_training = bool(include_training)
         self.failed: BaseException | None = None
+        self.opened = False
         self.n_written = 0
 
     # -- what subclasses implement ----------------------------------------------------------------
+    def _open(self) -> None:
+        """Open the backend (a writer, a run, a file)."""
+
     def write(self, step: int, values: Mapping[str, float]) -> None:  # pragma: no cover - abstract
         """Write ``{key: value}`` at optimizer step ``step``."""
         raise NotImplementedError
 
     def _close(self) -> None:
-        """Flush and release the backend (called once, from :meth:`close`)."""
+        """Flush and release the backend."""
 
     # -- the extension side -----------------------------------------------------------------------
+    def setup(self, tracker: Tracker | None = None) -> None:
+        """Open the backend (called when attached to a Tracker); a failure warns and switches the sink off."""
+        self.failed = None
+        try:
+            self._open()
+            self.opened = True
+        except Exception as e:  # a sink must never stop training
+            self._fail(e)
+
     def keyed(self, values: Mapping[tuple[str, str], float]) -> dict[str, float]:
         """The Tracker's ``(layer, metric) -> value`` as ``{dimscope/<layer>/<metric>: value}``."""
         out = {}
@@ -79,7 +96,9 @@ class Sink(TrackerExtension):
         self.log(step, self.keyed(values))
 
     def log(self, step: int, values: Mapping[str, float]) -> None:
-        """Write ``values`` at ``step`` unless the sink has failed; never raises."""
+        """Write ``values`` at ``step`` (opening the backend if needed) unless the sink failed; never raises."""
+        if not self.opened and self.failed is None:
+            self.setup()
         if self.failed is not None or not values:
             return
         try:
@@ -89,6 +108,10 @@ class Sink(TrackerExtension):
             self._fail(e)
 
     def close(self, tracker: Tracker | None = None) -> None:
+        """Flush and release the backend (the Tracker calls it at close)."""
+        if not self.opened:
+            return
+        self.opened = False
         try:
             self._close()
         except Exception as e:
@@ -120,12 +143,16 @@ class TensorBoardSink(Sink):
         if (log_dir is None) == (writer is None):
             raise ValueError("TensorBoardSink needs exactly one of 'log_dir' or 'writer'. Got "
                              f"log_dir={log_dir!r}, writer={writer!r}.")
-        self._owns = writer is None
-        if writer is None:
-            from torch.utils.tensorboard import SummaryWriter  # imports tensorboard
+        from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: fails early if missing
 
-            writer = SummaryWriter(log_dir=str(log_dir))
+        self._writer_cls = SummaryWriter
+        self.log_dir = None if log_dir is None else Path(log_dir)
+        self._owns = writer is None
         self.writer = writer
+
+    def _open(self) -> None:
+        if self._owns:
+            self.writer = self._writer_cls(log_dir=str(self.log_dir))
 
     def write(self, step: int, values: Mapping[str, float]) -> None:
         for k, v in values.items():
@@ -162,22 +189,32 @@ class MLflowSink(Sink):
         include_training: bool = False,
     ) -> None:
         super().__init__(include_training=include_training)
+        import mlflow  # fails early if missing
+
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self.given_run_id = run_id
+        self.run_name = run_name
+        self.run_id: str | None = run_id
+        self.client: Any = None
+        self._owns = False
+
+    def _open(self) -> None:
         import mlflow
         from mlflow.tracking import MlflowClient
 
         self._owns = False
-        active = mlflow.active_run() if tracking_uri is None and run_id is None else None
-        uri = tracking_uri if tracking_uri is not None else mlflow.get_tracking_uri()
+        active = mlflow.active_run() if self.tracking_uri is None and self.given_run_id is None else None
+        uri = self.tracking_uri if self.tracking_uri is not None else mlflow.get_tracking_uri()
         self.client = MlflowClient(tracking_uri=uri)
-        self.tracking_uri = uri
-        if run_id is not None:
-            self.run_id = run_id
+        if self.given_run_id is not None:
+            self.run_id = self.given_run_id
         elif active is not None:
             self.run_id = active.info.run_id
         else:
-            exp = self.client.get_experiment_by_name(experiment)
-            exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(experiment)
-            self.run_id = self.client.create_run(exp_id, run_name=run_name).info.run_id
+            exp = self.client.get_experiment_by_name(self.experiment)
+            exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(self.experiment)
+            self.run_id = self.client.create_run(exp_id, run_name=self.run_name).info.run_id
             self._owns = True
 
     def write(self, step: int, values: Mapping[str, float]) -> None:
@@ -217,20 +254,34 @@ class WandbSink(Sink):
         **init_kwargs: Any,
     ) -> None:
         super().__init__(include_training=include_training)
+        import wandb  # fails early if missing
+
+        self.given_run = run
+        self.project = project
+        self.dir = None if dir is None else Path(dir)
+        self.mode = mode
+        self.init_kwargs = init_kwargs
+        self.run: Any = None
+        self.run_dir: Path | None = None
+        self._owns = False
+
+    def _open(self) -> None:
         import wandb
 
         self._owns = False
+        run = self.given_run if self.given_run is not None else wandb.run
         if run is None:
-            run = wandb.run
-        if run is None:
-            settings = init_kwargs.pop("settings", None) or wandb.Settings(silent=True, console="off")
-            if dir is not None:
-                Path(dir).mkdir(parents=True, exist_ok=True)
-            run = wandb.init(mode=mode, dir=None if dir is None else str(dir), project=project, settings=settings, **init_kwargs)
+            kw = dict(self.init_kwargs)
+            settings = kw.pop("settings", None) or wandb.Settings(silent=True, console="off")
+            if self.dir is not None:
+                self.dir.mkdir(parents=True, exist_ok=True)
+            run = wandb.init(mode=self.mode, dir=None if self.dir is None else str(self.dir), project=self.project,
+                             settings=settings, **kw)
             self._owns = True
         self.run = run
-        self.run.define_metric(f"{PREFIX}/step")
-        self.run.define_metric(f"{PREFIX}/*", step_metric=f"{PREFIX}/step")
+        self.run_dir = Path(run.dir).parent if getattr(run, "dir", None) else None
+        run.define_metric(f"{PREFIX}/step")
+        run.define_metric(f"{PREFIX}/*", step_metric=f"{PREFIX}/step")
 
     def write(self, step: int, values: Mapping[str, float]) -> None:
         self.run.log({f"{PREFIX}/step": step, **values})
@@ -251,6 +302,8 @@ class CSVSink(Sink):
     def __init__(self, path: str | os.PathLike[str], *, include_training: bool = False) -> None:
         super().__init__(include_training=include_training)
         self.path = Path(path)
+
+    def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         new = not self.path.exists() or self.path.stat().st_size == 0
         self._fh = self.path.open("a", newline="", encoding="utf-8")
