@@ -17,7 +17,7 @@ def _eager_values(model, x, layers):
     return {k: dimscope.stable_rank(dimscope.spectrum(v)) for k, v in cap.outputs.items()}
 
 
-def _check(backend):
+def _check(backend, train=True):
     torch._dynamo.reset()
     model = mlp(seed=0)
     probe = torch.randn(40, 12, generator=torch.Generator().manual_seed(1))
@@ -31,11 +31,12 @@ def _check(backend):
         x = torch.randn(32, 12, generator=g)
         want_batch = _eager_values(model, x, ["0", "2"])  # eager, the weights the compiled forward will use
         loss = compiled(x).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        if train:
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
         vals = tracker.step(step, loss=loss.item())
-        # probe/centered (primary): the fixed probe through the eager module, weights after the update
+        # probe/centered (primary): the fixed probe through the eager module, weights after the update (if any)
         want_probe = _eager_values(model, probe, ["0", "2"])
         for layer in ("0", "2"):
             assert vals[(layer, "stable_rank")] == pytest.approx(want_probe[layer], rel=1e-9)
@@ -54,5 +55,6 @@ def test_hooks_survive_torch_compile_dynamo():
 
 @pytest.mark.slow
 def test_hooks_survive_torch_compile_inductor():
-    """The default inductor backend (needs a C compiler; ~1 min of compilation on 2 cores)."""
-    _check("inductor")
+    """The default inductor backend (needs a C compiler). Forward only: compiling the backward too
+    doubles the C++ compilation time, and the hooks live in the forward."""
+    _check("inductor", train=False)
