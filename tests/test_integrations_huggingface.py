@@ -106,3 +106,44 @@ def test_hf_callback_every_and_missing_model(tmp_path):
     cb = DimscopeCallback(probe=_probe(), every=3, layers=LAYERS, run=tmp_path / "r", measure_at_start=False)
     with pytest.raises(ValueError, match="needs the trainer's model"):
         cb.on_train_begin(_args(tmp_path), transformers.TrainerState(), transformers.TrainerControl(), model=None)
+
+
+def _ddp_worker(rank: int, world: int, tmp: str, port: int) -> None:
+    import os
+    from pathlib import Path
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    model = _model()
+    cb = DimscopeCallback(probe=_probe(), every=2, layers=LAYERS, run=f"{tmp}/run", max_rows=None)
+    trainer = transformers.Trainer(model=model, args=_args(Path(tmp)), train_dataset=_Data(), callbacks=[cb])
+    assert torch.distributed.is_initialized() and trainer.args.world_size == 2
+    trainer.train()
+    if rank == 0:
+        torch.save(model.state_dict(), f"{tmp}/final.pt")
+
+
+@pytest.mark.slow
+def test_hf_trainer_ddp_two_cpu_processes(tmp_path):
+    """Trainer under torch.distributed (2 CPU processes, gloo): the callback uses the DistributedTracker."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path), port), nprocs=2, join=True)
+    run = dimscope.open_run(tmp_path / "run")
+    assert run.manifest["distributed"]["world_size"] == 2 and run.manifest["distributed"]["backend"] == "gloo"
+    sr = run.metric("stable_rank", LAYERS[1])
+    assert sr.index.tolist() == [0, 2, 4, 6]
+    model = _model()
+    model.load_state_dict(torch.load(tmp_path / "final.pt"))
+    with torch.no_grad(), dimscope.capture(model.eval(), LAYERS) as cap:
+        model(**_probe())
+    for layer in LAYERS:
+        spec = dimscope.spectrum(cap.outputs[layer].reshape(-1, 16))
+        assert run.metric("stable_rank", layer)[6] == pytest.approx(dimscope.stable_rank(spec), rel=1e-6)
+        assert run.metric("participation_ratio", layer)[6] == pytest.approx(dimscope.participation_ratio(spec), rel=1e-6)
