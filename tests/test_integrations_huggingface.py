@@ -11,6 +11,8 @@ from dimscope.capture import count_hooks
 
 from _integration_helpers import read_mlflow_files, read_wandb_offline, store_values
 
+pytestmark = pytest.mark.integration
+
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 

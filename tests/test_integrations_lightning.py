@@ -10,6 +10,8 @@ from dimscope.capture import count_hooks
 
 from _integration_helpers import mlp, read_csv_sink, read_tensorboard, store_values
 
+pytestmark = pytest.mark.integration
+
 L = pytest.importorskip("lightning.pytorch")
 pytest.importorskip("tensorboard")
 
@@ -89,6 +91,23 @@ def test_lightning_callback_default_run_dir_and_bad_every(tmp_path):
     run = dimscope.open_run(cb.run_dir)
     assert run.metric("participation_ratio", "net.4").index.tolist() == [3, 6]
     assert run.layers == ["net.0", "net.2", "net.4"]
+
+
+class Exploding(Tiny):
+    def training_step(self, batch, batch_idx):
+        if self.global_step == 3:
+            raise RuntimeError("boom at step 3")
+        return super().training_step(batch, batch_idx)
+
+
+def test_lightning_callback_closes_and_keeps_measurements_when_training_raises(tmp_path):
+    module = Exploding()
+    cb = DimscopeCallback(probe=torch.randn(16, 12), every=1, layers=["net.2"], run=tmp_path / "run", mode=("probe", "batch"))
+    with pytest.raises(RuntimeError, match="boom at step 3"):
+        _trainer(tmp_path, cb).fit(module, _loader())
+    assert cb.tracker is None and count_hooks(module) == 0  # the batch-mode hooks are gone too
+    run = dimscope.open_run(tmp_path / "run")
+    assert run.metric("stable_rank", "net.2").index.tolist() == [0, 1, 2, 3]
 
 
 @pytest.mark.slow

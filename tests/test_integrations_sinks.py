@@ -54,6 +54,7 @@ def test_scalar_key():
     assert scalar_key("", "loss") == "dimscope/loss"
 
 
+@pytest.mark.integration
 def test_tensorboard_and_csv_sinks_mirror_the_store(tmp_path):
     pytest.importorskip("tensorboard")
     from dimscope.integrations.sinks import TensorBoardSink
@@ -71,6 +72,7 @@ def test_tensorboard_and_csv_sinks_mirror_the_store(tmp_path):
     _assert_same(expected, read_csv_sink(csv_path))
 
 
+@pytest.mark.integration
 def test_tensorboard_sink_include_training_and_shared_writer(tmp_path):
     pytest.importorskip("tensorboard")
     from torch.utils.tensorboard import SummaryWriter
@@ -94,6 +96,7 @@ def test_tensorboard_sink_include_training_and_shared_writer(tmp_path):
     assert got[(0, "user/acc")] == 0.5  # the user's own writer keeps working
 
 
+@pytest.mark.integration
 def test_mlflow_file_store_sink(tmp_path, monkeypatch):
     pytest.importorskip("mlflow")
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps the file store behind this flag
@@ -115,6 +118,7 @@ def test_mlflow_file_store_sink(tmp_path, monkeypatch):
     assert {m.step: m.value for m in hist} == {s: v for (s, k), v in expected.items() if k == "dimscope/2/stable_rank"}
 
 
+@pytest.mark.integration
 def test_wandb_offline_sink(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")

@@ -79,7 +79,8 @@ class DimscopeCallback(TrainerCallback):
     sinks:
         :class:`~dimscope.integrations.sinks.Sink` objects (TensorBoard, MLflow, W&B, CSV), used on rank 0.
     measure_at_start:
-        Measure step 0 before the first update (only when training starts from step 0).
+        Measure step 0 before the first update (only when training starts from step 0 and the probe is
+        measured: batch mode has no batch before training).
     **tracker_kwargs:
         Passed to :class:`dimscope.Tracker`.
     """
@@ -118,7 +119,7 @@ class DimscopeCallback(TrainerCallback):
             self.tracker = DistributedTracker(model, self.probe, **kw)
         else:
             self.tracker = Tracker(model, self.probe, **kw)
-        if self.measure_at_start and state.global_step == 0:
+        if self.measure_at_start and state.global_step == 0 and "probe" in self.tracker.modes:
             self.tracker.step(0)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

@@ -66,7 +66,8 @@ class DimscopeCallback(Callback):
     sinks:
         :class:`~dimscope.integrations.sinks.Sink` objects (TensorBoard, MLflow, W&B, CSV), used on rank 0.
     measure_at_start:
-        Measure step 0 before the first update (only when training starts from step 0).
+        Measure step 0 before the first update (only when training starts from step 0 and the probe is
+        measured: batch mode has no batch before training).
     **tracker_kwargs:
         Passed to :class:`dimscope.Tracker` (``mode``, ``metrics``, ``conventions``, ``extensions``, ...).
 
@@ -124,7 +125,7 @@ class DimscopeCallback(Callback):
         self._loss_sum, self._n_batches = None, 0
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.tracker is not None and self.measure_at_start and trainer.global_step == 0:
+        if self.tracker is not None and self.measure_at_start and trainer.global_step == 0 and "probe" in self.tracker.modes:
             self.tracker.step(0, epoch=trainer.current_epoch)
 
     # -- the loop -----------------------------------------------------------------------------------
