@@ -199,3 +199,15 @@ print("LOADED", bad)
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert "LOADED []" in out.stdout, out.stdout
+
+
+def test_sink_parameter_errors(monkeypatch):
+    pytest.importorskip("wandb")
+    from dimscope.integrations.sinks import MLflowSink, WandbSink
+
+    with pytest.raises(ValueError, match="The 'mode' parameter of WandbSink must be one of 'offline', 'online', "
+                                         "'disabled'. Got 'onlin' instead."):
+        WandbSink(mode="onlin")
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # as if mlflow were not installed
+    with pytest.raises(ImportError, match=r"MLflowSink needs the 'mlflow' package: pip install 'dimscope\[mlflow\]'"):
+        MLflowSink()

@@ -34,6 +34,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .._validation import check_choice
 from ..tracker import Tracker, TrackerExtension
 
 __all__ = ["Sink", "scalar_key", "TensorBoardSink", "MLflowSink", "WandbSink", "CSVSink"]
@@ -44,6 +45,16 @@ PREFIX = "dimscope"
 def scalar_key(layer: str, metric: str) -> str:
     """The exported key of one value: ``dimscope/<layer>/<metric>`` (``dimscope/<metric>`` when layer is '')."""
     return "/".join(p for p in (PREFIX, layer, metric) if p)
+
+
+def _require(module: str, extra: str, owner: str) -> None:
+    """Import ``module`` now, so that a missing package fails where the sink is created."""
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(f"{owner} needs the '{module}' package: pip install 'dimscope[{extra}]'.") from e
 
 
 class Sink(TrackerExtension):
@@ -143,7 +154,8 @@ class TensorBoardSink(Sink):
         if (log_dir is None) == (writer is None):
             raise ValueError("TensorBoardSink needs exactly one of 'log_dir' or 'writer'. Got "
                              f"log_dir={log_dir!r}, writer={writer!r}.")
-        from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: fails early if missing
+        _require("tensorboard", "tensorboard", "TensorBoardSink")
+        from torch.utils.tensorboard import SummaryWriter
 
         self._writer_cls = SummaryWriter
         self.log_dir = None if log_dir is None else Path(log_dir)
@@ -168,8 +180,8 @@ class TensorBoardSink(Sink):
 class MLflowSink(Sink):
     """Metrics to an MLflow run, through ``MlflowClient.log_batch``.
 
-    The run is, in order: ``run_id`` if given; else the active run (``mlflow.start_run()`` or a
-    trainer's MLflow logger) when no ``tracking_uri`` is given; else a new run in ``experiment``
+    The run is, in order: ``run_id`` if given; else the run active when the sink is attached
+    (``mlflow.start_run()``, a trainer's MLflow integration) when no ``tracking_uri`` is given; else a new run in ``experiment``
     (created if needed) on ``tracking_uri`` (default: MLflow's own default), ended at close.
 
     Local stores: ``tracking_uri="sqlite:///mlflow.db"`` (MLflow's recommended local backend) or a
@@ -189,7 +201,7 @@ class MLflowSink(Sink):
         include_training: bool = False,
     ) -> None:
         super().__init__(include_training=include_training)
-        import mlflow  # fails early if missing
+        _require("mlflow", "mlflow", "MLflowSink")
 
         self.tracking_uri = tracking_uri
         self.experiment = experiment
@@ -232,9 +244,10 @@ class WandbSink(Sink):
     """Metrics to a Weights & Biases run, offline by default.
 
     Uses ``run`` if given (with Lightning's ``WandbLogger``: ``WandbSink(run=logger.experiment)``),
-    else the active ``wandb.run`` at the time the sink is created, else starts one with ``wandb.init(mode=mode, dir=dir, project=project, **init_kwargs)`` and finishes it at
-    close. ``mode`` defaults to ``"offline"`` (nothing leaves the machine; ``wandb sync`` uploads
-    later); pass ``mode="online"`` to stream.
+    else the active ``wandb.run`` when the sink is attached to the Tracker, else starts one with
+    ``wandb.init(mode=mode, dir=dir, project=project, **init_kwargs)`` and finishes it at close.
+    ``mode`` defaults to ``"offline"`` (nothing leaves the machine; ``wandb sync`` uploads later),
+    whatever ``WANDB_MODE`` says; pass ``mode="online"`` to stream.
 
     The optimizer step is logged as ``dimscope/step`` and declared the step metric of
     ``dimscope/*`` (``define_metric``), so dimscope never fights the trainer over W&B's own step
@@ -254,7 +267,8 @@ class WandbSink(Sink):
         **init_kwargs: Any,
     ) -> None:
         super().__init__(include_training=include_training)
-        import wandb  # fails early if missing
+        _require("wandb", "wandb", "WandbSink")
+        check_choice(mode, "mode", ("offline", "online", "disabled"), owner="WandbSink")
 
         self.given_run = run
         self.project = project
