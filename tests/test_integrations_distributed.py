@@ -20,6 +20,8 @@ from _integration_helpers import mlp, read_csv_sink, store_values
 
 PROBE_N = 37  # odd: the two ranks measure 19 and 18 rows
 EVERY = 2
+HIDDEN = 48  # layers "0" and "2" are wider (48) than the probe (37 rows): rows are all-gathered;
+# layer "4" has 3 features: its 3 x 3 Gram matrix is all-reduced. Both paths are checked.
 
 
 def _probe() -> torch.Tensor:
@@ -30,7 +32,7 @@ def _worker(rank: int, world: int, tmp: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
     try:
-        model = mlp(seed=0)
+        model = mlp(seed=0, hidden=HIDDEN)
         with pytest.raises(ValueError, match=r"at least one sample per rank \(world size 2\). Got 1 samples"):
             DistributedTracker(model, probe=torch.randn(1, 12))
         ddp = torch.nn.parallel.DistributedDataParallel(model)
@@ -88,7 +90,7 @@ def test_gloo_two_processes_match_one_process(tmp_path):
     assert steps == [0, 2, 4]
     n_checked, worst = 0, 0.0
     for step in steps:
-        model = mlp(seed=0)
+        model = mlp(seed=0, hidden=HIDDEN)
         model.load_state_dict(torch.load(tmp_path / f"state_step{step}.pt"))
         ref = dimscope.Tracker(model, probe=_probe(), every=EVERY, layers=["0", "2", "4"], background=False,
                                conventions=("centered", "uncentered"), max_rows=None)
@@ -134,7 +136,7 @@ def _fsdp_worker(rank: int, world: int, tmp: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
     try:
-        model = mlp(seed=0)
+        model = mlp(seed=0, hidden=HIDDEN)
         for i in (0, 2, 4):
             fully_shard(model[i])
         fully_shard(model)
@@ -166,7 +168,7 @@ def test_fsdp2_two_processes_match_one_process(tmp_path):
     if not dist.is_gloo_available():
         pytest.skip("gloo is not available")
     mp.spawn(_fsdp_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
-    model = mlp(seed=0)
+    model = mlp(seed=0, hidden=HIDDEN)
     model.load_state_dict(torch.load(tmp_path / "state.pt"))
     want = dimscope.Tracker(model, probe=_probe(), every=1, layers=["0", "2"], background=False, max_rows=None,
                             weight_metrics=False).step(1)

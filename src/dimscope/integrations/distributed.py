@@ -15,6 +15,8 @@ How it works
   then the centered Gram Σ_r (X_r − μ)ᵀ(X_r − μ) (or Σ_r X_rᵀX_r uncentered). One
   eigendecomposition of that d × d matrix (:func:`dimscope.spectrum.spectrum_from_gram`) gives
   the spectrum of the stacked probe — the same values a single process gets on the whole probe.
+  When the probe has no more rows than the layer has features (n ≤ d), the ranks all-gather the
+  rows instead (n·d numbers rather than d², and an n × n eigenproblem, as in one process).
 * Collectives must run in lockstep on every rank, so measurement is synchronous
   (``background=False`` is forced) and runs on the training thread; every rank must call
   :meth:`~dimscope.Tracker.step` with the same step numbers (``force=True`` on every rank or none).
@@ -31,8 +33,8 @@ Limits
   under FSDP, where parameters are sharded — there they are switched off with a warning. With FSDP1
   the module paths gain ``_fsdp_wrapped_module.``; FSDP2 (``fully_shard``) keeps them. Activations
   are complete under both: FSDP gathers the parameters in the forward, which runs on every rank.
-* Communication is d² float64 numbers per layer and convention per measurement (a 4096-wide layer:
-  128 MiB).
+* Communication per layer and convention per measurement is min(d², n·d) float64 numbers (a
+  4096-wide layer with 8192 probe rows: 128 MiB).
 * NCCL needs CUDA tensors: the statistics are reduced on the current CUDA device there.
 """
 
@@ -46,7 +48,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..spectrum import NonFiniteError, Spectrum, spectrum_from_gram
+from ..spectrum import NonFiniteError, Spectrum, spectrum, spectrum_from_gram
 from ..tracker import Tracker, TrackerExtension, _probe_len, _slice_probe
 
 __all__ = ["DistributedTracker", "shard_bounds"]
@@ -156,27 +158,44 @@ class DistributedTracker(Tracker):
             dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
         return t
 
+    def _all_gather_rows(self, X: torch.Tensor) -> torch.Tensor:
+        """Every rank's rows stacked in rank order (ranks may hold different numbers of rows)."""
+        counts = [torch.zeros(1, dtype=torch.int64, device=X.device) for _ in range(self.world_size)]
+        dist.all_gather(counts, torch.tensor([X.shape[0]], dtype=torch.int64, device=X.device), group=self.group)
+        sizes = [int(c.item()) for c in counts]
+        padded = X.new_zeros((max(sizes), X.shape[1]))
+        padded[: X.shape[0]] = X
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(parts, padded, group=self.group)
+        return torch.cat([p[:k] for p, k in zip(parts, sizes)], 0)
+
     def features_to_spectrum(self, X: torch.Tensor, center: bool) -> Spectrum:
         """The spectrum of the rows of every rank stacked, from all-reduced float64 statistics.
 
-        Runs collectives: every rank must call it for the same layers in the same order. A NaN or
-        Inf on any rank reaches every rank through the sums, so all ranks raise
-        :class:`~dimscope.spectrum.NonFiniteError` together.
+        With n rows over all ranks and d features: when n > d the ranks all-reduce the d × d Gram
+        matrix (centered on the exact global mean); when n <= d they all-gather the n × d rows
+        instead, which moves fewer numbers, and the spectrum comes from the n × n Gram exactly as in
+        one process (:func:`dimscope.spectrum`). Runs collectives: every rank must call it for the
+        same layers in the same order. A NaN or Inf on any rank reaches every rank, so all ranks
+        raise :class:`~dimscope.spectrum.NonFiniteError` together.
         """
         if X.ndim != 2:
             raise ValueError(f"DistributedTracker expects 2-D features (samples x features). Got shape {tuple(X.shape)}.")
+        if not (self.distributed and self.world_size > 1):
+            return super().features_to_spectrum(X, center)
         X = X.detach().to(device=self._reduce_device(X), dtype=torch.float64)
         d = X.shape[1]
         stats = torch.cat([X.sum(0), X.new_tensor([X.shape[0]])])
         self._all_reduce(stats)
         n = int(round(float(stats[-1])))
-        if center:
-            mean = stats[:d] / max(n, 1)
-            X = X - mean
-        G = X.T @ X
-        self._all_reduce(G)
         if n < 2:
             raise ValueError(f"A distributed spectrum needs at least 2 samples over all ranks. Got {n}.")
+        if n <= d:
+            return spectrum(self._all_gather_rows(X), center=center)
+        if center:
+            X = X - stats[:d] / n
+        G = X.T @ X
+        self._all_reduce(G)
         if not torch.isfinite(G).all():
             raise NonFiniteError("The feature matrix holds NaN or Inf values.")
         return spectrum_from_gram(G, n, d, centered=center)
