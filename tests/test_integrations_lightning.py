@@ -38,14 +38,14 @@ class Tiny(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def _loader():
+def _loader(n=64):
     g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(64, 12, generator=g), torch.randint(0, 3, (64,), generator=g)
+    x, y = torch.randn(n, 12, generator=g), torch.randint(0, 3, (n,), generator=g)
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
 
 
-def _trainer(tmp_path, cb, **kw):
-    return L.Trainer(max_steps=6, accumulate_grad_batches=2, callbacks=[cb], logger=False, enable_checkpointing=False,
+def _trainer(tmp_path, cb, max_steps=6, **kw):
+    return L.Trainer(max_steps=max_steps, accumulate_grad_batches=2, callbacks=[cb], logger=False, enable_checkpointing=False,
                      enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
                      default_root_dir=str(tmp_path), **kw)
 
@@ -91,6 +91,18 @@ def test_lightning_callback_default_run_dir_and_bad_every(tmp_path):
     run = dimscope.open_run(cb.run_dir)
     assert run.metric("participation_ratio", "net.4").index.tolist() == [3, 6]
     assert run.layers == ["net.0", "net.2", "net.4"]
+
+
+def test_lightning_loss_of_a_short_accumulation_window(tmp_path):
+    """7 batches per epoch, 2 per step: the 4th optimizer step has one batch; its loss is that batch's loss."""
+    module = Tiny()
+    cb = DimscopeCallback(probe=torch.randn(16, 12), every=4, layers=["net.2"], run=tmp_path / "run")
+    _trainer(tmp_path, cb, max_steps=5).fit(module, _loader(56))
+    loss = dimscope.open_run(tmp_path / "run").training("loss")
+    assert loss.index.tolist() == [1, 2, 3, 4, 5]
+    assert loss[3] == pytest.approx((module.losses[4] + module.losses[5]) / 2, rel=1e-6)
+    assert loss[4] == pytest.approx(module.losses[6], rel=1e-6)
+    assert loss[5] == pytest.approx((module.losses[7] + module.losses[8]) / 2, rel=1e-6)
 
 
 class Exploding(Tiny):

@@ -12,7 +12,7 @@ Conventions
   batch, so ``accumulate_grad_batches=k`` gives one measurement per k batches. With
   ``measure_at_start=True`` (default) step 0 — the initialization — is measured before training.
 * **The loss** of a step is the mean training loss over its micro-batches (the ``loss`` returned by
-  ``training_step``; Lightning already divides it by the accumulation factor, so the callback sums).
+  ``training_step``, with Lightning's division by ``accumulate_grad_batches`` undone).
   The epoch is recorded as a training scalar too.
 * **The probe** goes through ``pl_module(probe)`` (your ``forward``), under ``torch.no_grad()`` in
   eval mode; a dict probe is passed as keyword arguments.
@@ -142,9 +142,10 @@ class DimscopeCallback(Callback):
         self._last_step = step
         scalars: dict[str, float] = {"epoch": float(trainer.current_epoch)}
         if self._loss_sum is not None:
-            total = float(self._loss_sum)
-            # automatic optimization: Lightning divided each micro-batch loss by the accumulation factor
-            scalars["loss"] = total if pl_module.automatic_optimization else total / max(self._n_batches, 1)
+            # automatic optimization: Lightning divided each micro-batch loss by accumulate_grad_batches
+            # (also in a shorter last window of an epoch); undo it, then average over the micro-batches
+            scale = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
+            scalars["loss"] = float(self._loss_sum) * scale / max(self._n_batches, 1)
         self._loss_sum, self._n_batches = None, 0
         self.tracker.step(step, **scalars)
 
