@@ -17,9 +17,12 @@ Conventions
 * **The probe** goes through ``pl_module(probe)`` (your ``forward``), under ``torch.no_grad()`` in
   eval mode; a dict probe is passed as keyword arguments.
 * **Where it writes**: ``run`` if given, else ``<trainer.log_dir or default_root_dir>/dimscope``.
-* **Several processes** (DDP, FSDP strategies): every rank runs the callback; a
+* **Several processes**: every rank runs the callback; a
   :class:`~dimscope.integrations.distributed.DistributedTracker` splits the probe across ranks,
-  all-reduces the statistics and rank 0 writes the store.
+  all-reduces the statistics and rank 0 writes the store (tested with ``strategy="ddp_spawn"``).
+  The probe forward calls the ``LightningModule`` itself, so it suits strategies that shard in place
+  (DDP; FSDP2 / ``fully_shard`` through ``ModelParallelStrategy``); Lightning's FSDP1 strategy, whose
+  root wrapper is outside the module, is not supported.
 
 Only the ``lightning`` package (``lightning.pytorch``) is supported, not the older
 ``pytorch_lightning`` namespace. Importing this module imports Lightning; ``import dimscope`` does not.
