@@ -105,6 +105,23 @@ def test_lightning_loss_of_a_short_accumulation_window(tmp_path):
     assert loss[5] == pytest.approx((module.losses[7] + module.losses[8]) / 2, rel=1e-6)
 
 
+def test_lightning_callback_mirrors_into_the_trainers_loggers(tmp_path):
+    import pandas as pd
+    from lightning.pytorch.loggers import CSVLogger
+
+    module = Tiny()
+    logger = CSVLogger(str(tmp_path), name="lg", version=0)
+    cb = DimscopeCallback(probe=torch.randn(16, 12), every=2, layers=["net.2"], run=tmp_path / "run", log_to_loggers=True)
+    L.Trainer(max_steps=4, callbacks=[cb], logger=logger, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, accelerator="cpu", devices=1, log_every_n_steps=1).fit(module, _loader())
+    df = pd.read_csv(tmp_path / "lg" / "version_0" / "metrics.csv")
+    col = "dimscope/net.2/stable_rank"
+    got = df.dropna(subset=[col]).set_index("step")[col].to_dict()
+    want = dimscope.open_run(tmp_path / "run").metric("stable_rank", "net.2").to_dict()
+    assert sorted(got) == [0, 2, 4] == sorted(want)
+    assert got == pytest.approx(want, rel=1e-12)
+
+
 class Exploding(Tiny):
     def training_step(self, batch, batch_idx):
         if self.global_step == 3:

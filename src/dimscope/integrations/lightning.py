@@ -41,8 +41,46 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 from .._validation import check_int
 from ..tracker import Tracker, TrackerExtension
+from .sinks import Sink
 
-__all__ = ["DimscopeCallback"]
+__all__ = ["DimscopeCallback", "LoggerSink"]
+
+
+class LoggerSink(Sink):
+    """Mirror dimscope's values into the trainer's own Lightning loggers (``logger.log_metrics``).
+
+    Keys and steps as every sink (``dimscope/<layer>/<metric>`` at ``trainer.global_step``). The
+    loggers are called on the training thread (queued with :meth:`dimscope.Tracker.call_soon`, so a
+    value appears at the next optimizer step, or at close), because Lightning's loggers are not
+    meant to be called from the Tracker's measurement thread.
+    """
+
+    name = "Lightning logger"
+
+    def __init__(self, loggers: Sequence[Any], *, include_training: bool = False) -> None:
+        super().__init__(include_training=include_training)
+        self.loggers = list(loggers)
+        self._tracker: Tracker | None = None
+
+    def setup(self, tracker: Tracker | None = None) -> None:
+        self._tracker = tracker
+        super().setup(tracker)
+
+    def _emit(self, step: int, values: dict[str, float]) -> None:
+        if self.failed is not None:
+            return
+        try:
+            for lg in self.loggers:
+                lg.log_metrics(values, step=step)
+        except Exception as e:  # never stop training
+            self._fail(e)
+
+    def write(self, step: int, values: Any) -> None:
+        values = dict(values)
+        if self._tracker is None:
+            self._emit(step, values)
+        else:
+            self._tracker.call_soon(lambda: self._emit(step, values))
 
 
 def _loss_of(outputs: Any) -> torch.Tensor | None:
@@ -71,6 +109,9 @@ class DimscopeCallback(Callback):
     measure_at_start:
         Measure step 0 before the first update (only when training starts from step 0 and the probe is
         measured: batch mode has no batch before training).
+    log_to_loggers:
+        Also mirror the values into the trainer's Lightning loggers (``trainer.loggers``) with a
+        :class:`LoggerSink`.
     **tracker_kwargs:
         Passed to :class:`dimscope.Tracker` (``mode``, ``metrics``, ``conventions``, ``extensions``, ...).
 
@@ -91,9 +132,11 @@ class DimscopeCallback(Callback):
         run: str | os.PathLike[str] | None = None,
         sinks: Sequence[TrackerExtension] = (),
         measure_at_start: bool = True,
+        log_to_loggers: bool = False,
         **tracker_kwargs: Any,
     ) -> None:
         super().__init__()
+        self.log_to_loggers = bool(log_to_loggers)
         self.probe = probe
         self.every = check_int(every, "every", min_value=1, owner="DimscopeCallback")
         self.layers = layers
@@ -117,6 +160,8 @@ class DimscopeCallback(Callback):
         self.run_dir = self._run_dir(trainer)
         kwargs = dict(self.tracker_kwargs)
         extensions = list(kwargs.pop("extensions", ())) + self.sinks
+        if self.log_to_loggers and trainer.loggers:
+            extensions.append(LoggerSink(trainer.loggers))
         kwargs.update(every=self.every, layers=self.layers, run=str(self.run_dir), extensions=extensions)
         if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
             from .distributed import DistributedTracker
