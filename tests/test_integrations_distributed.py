@@ -40,9 +40,14 @@ def _worker(rank: int, world: int, tmp: str) -> None:
         g = torch.Generator().manual_seed(100 + rank)  # each rank its own data
         sink = CSVSink(f"{tmp}/sink_rank{rank}.csv")  # every rank builds it; only rank 0 opens and writes it
         tracker = DistributedTracker(model, probe=_probe(), every=EVERY, layers=["0", "2", "4"], run=f"{tmp}/run",
-                                     conventions=("centered", "uncentered"), max_rows=None, extensions=[sink])
+                                     conventions=("centered", "uncentered"), max_rows=None, extensions=[sink],
+                                     mode=("probe", "batch"))
         for step in range(5):
             x, y = torch.randn(16, 12, generator=g), torch.randint(0, 3, (16,), generator=g)
+            if step % EVERY == 0:  # what batch mode measures: this batch under the weights before the update
+                torch.save(x, f"{tmp}/batch_rank{rank}_step{step}.pt")
+                if rank == 0:
+                    torch.save(model.state_dict(), f"{tmp}/pre_state_step{step}.pt")
             loss = torch.nn.functional.cross_entropy(ddp(x), y)
             opt.zero_grad()
             loss.backward()
@@ -122,6 +127,25 @@ def test_gloo_two_processes_match_one_process(tmp_path):
                 stored = dict(zip(sel.metric, sel.value))
                 for m, v in compute_metrics(one, list(stored)).items():
                     assert stored[m] == pytest.approx(v, rel=1e-6, abs=1e-9) or (math.isnan(v) and math.isnan(stored[m]))
+        # batch mode: the two ranks' live batches, stacked (rank order), under the pre-update weights
+        model.load_state_dict(torch.load(tmp_path / f"pre_state_step{step}.pt"))
+        feats: dict[str, list[torch.Tensor]] = {"0": [], "2": [], "4": []}
+        for rank in (0, 1):
+            with torch.no_grad(), dimscope.capture(model, ["0", "2", "4"]) as cap:
+                model(torch.load(tmp_path / f"batch_rank{rank}_step{step}.pt"))
+            for layer in feats:
+                feats[layer].append(cap.outputs[layer])
+        for conv in ("centered", "uncentered"):
+            for layer in ("0", "2", "4"):
+                one = dimscope.spectrum(torch.cat(feats[layer]), center=conv == "centered")
+                sel = df[(df.step == step) & (df.layer == layer) & (df.convention == f"batch/{conv}")]
+                assert len(sel) == len(compute_metrics(one, None))
+                for m, v in compute_metrics(one, list(sel.metric)).items():
+                    got_v = float(sel[sel.metric == m].value.iloc[0])
+                    assert got_v == pytest.approx(v, rel=1e-6, abs=1e-9), ("batch", conv, step, layer, m)
+                    if v != 0:
+                        worst = max(worst, abs(got_v - v) / abs(v))
+                    n_checked += 1
     assert n_checked > 50
     print(f"\ngloo 2 ranks vs 1 process: {n_checked} values, max relative difference {worst:.2e}")
     assert not (tmp_path / "sink_rank1.csv").exists()
