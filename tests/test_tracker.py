@@ -296,3 +296,21 @@ def test_sigkill_keeps_every_committed_measurement(tmp_path):
     assert steps == list(range(0, 2 * len(steps), 2))
     assert list(run.spectra("0").index) == steps
     assert run.training("loss").index.max() >= steps[-1]
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_a_failing_measurement_warns_and_training_goes_on(tmp_path, background):
+    class Broken(dimscope.Tracker):
+        calls = 0
+
+        def features_to_spectrum(self, X, center):
+            Broken.calls += 1
+            if Broken.calls == 2:  # the measurement of step 1
+                raise np.linalg.LinAlgError("eigendecomposition did not converge")
+            return super().features_to_spectrum(X, center)
+
+    model = mlp()
+    with pytest.warns(RuntimeWarning, match="a measurement failed and was skipped: LinAlgError"):
+        with Broken(model, probe=torch.randn(16, 10), every=1, layers="0", run=tmp_path / "f", background=background) as tr:
+            train(model, tr, steps=4)
+    assert list(dimscope.open_run(tmp_path / "f").metric("stable_rank", "0").index) == [0, 2, 3]

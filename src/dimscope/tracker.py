@@ -132,6 +132,15 @@ def _call(model: nn.Module, inputs: Any) -> Any:
     return model(inputs)
 
 
+def _run_job(job: Callable[[], None], errors: list[BaseException]) -> None:
+    """Run one measurement job; a failure becomes a warning, never an exception in training."""
+    try:
+        job()
+    except Exception as e:
+        errors.append(e)
+        warnings.warn(f"dimscope: a measurement failed and was skipped: {e!r}", RuntimeWarning, stacklevel=3)
+
+
 class _Worker:
     """One background thread with a bounded queue of jobs; errors become warnings."""
 
@@ -152,10 +161,7 @@ class _Worker:
             try:
                 if job is None:
                     return
-                job()
-            except BaseException as e:  # a measurement must never stop training
-                self.errors.append(e)
-                warnings.warn(f"dimscope: a measurement failed and was skipped: {e!r}", RuntimeWarning, stacklevel=1)
+                _run_job(job, self.errors)
             finally:
                 self.q.task_done()
 
@@ -293,6 +299,7 @@ class Tracker:
         self._train_rows: list[_Row] = []
         self._main_calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._nonfinite_warned: set[str] = set()
+        self.errors: list[BaseException] = []  # measurements that failed (synchronous mode)
 
         self.store = RunStore(run, overwrite=overwrite, commit_every=commit_every, commit_seconds=commit_seconds) if run is not None else None
         self._write_manifest(config)
@@ -477,15 +484,12 @@ class Tracker:
             result.update(values)
 
         self.n_measurements += 1
-        if self._worker is None:
-            job()
-            return result
         self._submit(job)
-        return None
+        return result if self._worker is None else None
 
     def _submit(self, job: Callable[[], None]) -> None:
         if self._worker is None:
-            job()
+            _run_job(job, self.errors)
         else:
             self._worker.submit(job)
 
