@@ -7,7 +7,8 @@ the same series subsampled to the measurements whose step is a multiple of each 
 they are rescaled to keep the same span in *steps* (``window`` and ``min_size`` × base interval /
 every, at least 3 and 2 samples). A reference transition is **seen** at a resolution when a
 detection there lies within ``max(tolerance, every)`` steps of it — a coarse schedule cannot date
-a change more finely than its own spacing.
+a change more finely than its own spacing — matched one to one (one coarse detection cannot
+account for several reference transitions).
 """
 
 from __future__ import annotations
@@ -53,6 +54,20 @@ def _rescaled(detector: BaseDetector, factor: float) -> BaseDetector:
     return detector.clone(**new)
 
 
+def _match_one_to_one(found: Sequence[int], ref: Sequence[int], tol: int) -> tuple[list[bool], list[int]]:
+    """Each coarse detection accounts for at most one reference transition (the nearest unmatched
+    one within ``tol``); returns (seen flag per reference transition, unmatched detections)."""
+    seen = [False] * len(ref)
+    extra = []
+    for f in sorted(found):
+        cands = [i for i, t in enumerate(ref) if not seen[i] and abs(f - t) <= tol]
+        if cands:
+            seen[min(cands, key=lambda i: abs(f - ref[i]))] = True
+        else:
+            extra.append(f)
+    return seen, extra
+
+
 def resolution_analysis(
     values: Any,
     steps: Any = None,
@@ -89,9 +104,8 @@ def resolution_analysis(
             found = _rescaled(det, base / every).fit(xs, ss).predict()
         else:
             found = []
-        seen = [any(abs(f - t) <= tol for f in found) for t in table["step"]]
+        seen, extra = _match_one_to_one(found, list(table["step"]), tol)
         table[f"seen_{every}"] = seen
-        extra = [f for f in found if not any(abs(f - t) <= tol for t in table["step"])]
         summary.append(
             {"every": every, "samples": int(len(xs)), "detections": len(found), "seen": int(sum(seen)), "missed": int(len(seen) - sum(seen)), "extra": len(extra)}
         )
