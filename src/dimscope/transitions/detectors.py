@@ -502,4 +502,8 @@ DETECTORS: dict[str, type[BaseDetector]] = {"zscore": ZScore, "pelt": Pelt, "cus
 def make_detector(name: str, **params: Any) -> BaseDetector:
     """A detector by name (``zscore``, ``pelt``, ``cusum``) with keyword parameters."""
     check_choice(name.lower(), "detector", tuple(DETECTORS), owner="make_detector")
-    return DETECTORS[name.lower()](**params)
+    cls = DETECTORS[name.lower()]
+    for k in params:
+        if k not in cls._param_names:
+            raise ValueError(f"{cls.__name__} has no parameter {k!r}. Its parameters: {', '.join(cls._param_names)}.")
+    return cls(**params)
