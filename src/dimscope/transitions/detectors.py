@@ -400,12 +400,12 @@ class Cusum(BaseDetector):
     robust white-noise scale (:func:`robust_sigma`) of the first ``warmup`` samples after the start
     or after each change. S⁺ = max(0, S⁺ + e/σ̂ − k), S⁻ likewise; a change is signalled when
     either exceeds ``h``, dated to the sample where that sum last left zero, after which the
-    filter restarts from the new level.
+    filter learns the new level afresh from the next ``warmup`` samples (it is blind meanwhile).
     """
 
     _param_names = ("k", "h", "warmup", "alpha", "beta")
 
-    def __init__(self, k: float = 0.75, h: float = 8.0, warmup: int = 30, alpha: float = 0.1, beta: float = 0.01) -> None:
+    def __init__(self, k: float = 0.75, h: float = 6.0, warmup: int = 50, alpha: float = 0.05, beta: float = 0.01) -> None:
         self.k = k
         self.h = h
         self.warmup = warmup
@@ -466,9 +466,7 @@ class Cusum(BaseDetector):
         if self._sp > self._h or self._sn > self._h:
             start = self._sp_start if self._sp > self._h else self._sn_start
             self.change_indices_.append(start)
-            self._buf = self.values_[start : i + 1][-self._warm :]
-            if len(self._buf) >= self._warm:
-                self._buf = self._buf[: self._warm - 1]
+            self._buf = []  # re-learn level, trend and scale from the next ``warmup`` samples
             self._sp = self._sn = 0.0
             return True
         return False
