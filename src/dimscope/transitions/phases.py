@@ -4,20 +4,25 @@ Definition (:func:`segment_phases`):
 
 1. Smooth: a running median over 5 samples (spikes out), then a Savitzky–Golay filter (quadratic)
    over ``smooth`` × n points (odd, at least 5), whose first derivative gives the slope per step.
-   By default (``time="log"``) the filter runs on a grid uniform in log-steps, so a collapse in
-   the first 50 steps is not smeared over 500 (see :func:`smooth_curve`).
+   With ``time="log"`` the filter runs on a grid uniform in log-steps, so a collapse in the first
+   50 steps is not smeared over 500, at the price of coarser boundaries late in training (see
+   :func:`smooth_curve`); the default is ``"linear"`` (sample index).
 2. Normalised slope r_t = slope_t × (step span of the run) / (range of the smoothed curve): the
    fraction of the curve's range that the current rate would cover over the whole run.
 3. Label each sample: ``collapse`` if r_t < −``flat``, ``expansion`` if r_t > ``flat``, else flat.
    A flat stretch is ``stabilization`` once the curve has moved (after a collapse or expansion),
    ``other`` when it comes first (a plateau before anything happens).
-4. A run whose share of the time axis (log-steps by default) and whose share of the total
-   variation are both under ``min_length`` is merged into its heavier neighbour, repeatedly;
-   equal neighbours are joined.
+4. Repeatedly, the smallest of these is dealt with: a collapse or expansion whose net change is
+   under ``min_change`` (10%) of the curve's range becomes flat; a flat stretch shorter than
+   ``min_length`` (5%) of the time axis (log-steps by default) joins its longer neighbour; equal
+   neighbours are joined.
+   Noise wiggles move the slope but not the level, so they go; a sharp collapse in a few samples
+   moves the level, so it stays.
 
-Each phase carries start / end steps (inclusive) and ``share_of_change``: its part of the total
-variation Σ|Δŷ| of the smoothed curve. :func:`early_share` gives the share of the total variation
-in the first 10% and 25% of the run's steps.
+Each phase carries start / end steps (inclusive), ``delta`` (the net change of the smoothed curve
+across it) and ``share_of_change`` = |delta| / Σ over phases |delta| (net changes, so noise does not
+count as change). :func:`early_share` gives the share of that total change made in the first 10%
+and 25% of the run's steps.
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ class Phase:
         return {"label": self.label, "start": self.start, "end": self.end, "share_of_change": self.share_of_change, "delta": self.delta}
 
 
-def smooth_curve(values: Any, steps: Any = None, smooth: float = 0.03, time: str = "log") -> tuple[np.ndarray, np.ndarray]:
+def smooth_curve(values: Any, steps: Any = None, smooth: float = 0.03, time: str = "linear") -> tuple[np.ndarray, np.ndarray]:
     """(smoothed values, slope per step) at the samples, as defined in the module docstring.
 
     ``time="log"`` smooths on a grid uniform in log(step − first + c), c = max(one sampling
@@ -92,12 +97,14 @@ def _runs(labels: list[str]) -> list[list[Any]]:
 
 
 def segment_phases(
-    values: Any, steps: Any = None, *, smooth: float = 0.03, flat: float = 0.5, min_length: float = 0.05, time: str = "log"
+    values: Any, steps: Any = None, *, smooth: float = 0.03, flat: float = 0.5, min_length: float = 0.05, min_change: float = 0.1,
+    time: str = "linear",
 ) -> list[Phase]:
     """Cut a metric curve into collapse / expansion / stabilization / other phases."""
     smooth = check_float(smooth, "smooth", low=0.0, high=0.5, low_inclusive=False, owner="segment_phases")
     flat = check_float(flat, "flat", low=0.0, owner="segment_phases")
     min_length = check_float(min_length, "min_length", low=0.0, high=0.5, owner="segment_phases")
+    min_change = check_float(min_change, "min_change", low=0.0, high=1.0, owner="segment_phases")
     x, s = as_series(values, steps, owner="segment_phases")
     n = len(x)
     if n < 2:
@@ -108,44 +115,51 @@ def segment_phases(
     r = slope * span / rng if rng > 0 else np.zeros(n)
     labels = ["collapse" if v < -flat else "expansion" if v > flat else "flat" for v in r]
     runs = _runs(labels)
-    tv = np.abs(np.diff(y))
-    total = float(tv.sum()) or 1.0
-    # a run's weight: the larger of its share of the (log- or linear-) time axis and its share of
-    # the total variation; runs under min_length on both are merged into their neighbour
+    total = rng or 1.0
     axis = np.log(s - s[0] + max(float(np.min(np.diff(s))) if n > 1 else 1.0, (s[-1] - s[0]) / 1000.0)) if time == "log" else np.arange(n, dtype=float)
     axis = (axis - axis[0]) / ((axis[-1] - axis[0]) or 1.0)
 
-    def weight(run: list[Any]) -> float:
+    def t_share(run: list[Any]) -> float:
         a, b = run[1], run[2]
-        t_share = axis[min(b + 1, n - 1)] - axis[a] if b + 1 < n else 1.0 - axis[a]
-        return max(float(t_share), float(tv[max(a - 1, 0) : b].sum()) / total)
+        return float(axis[min(b + 1, n - 1)] - axis[a] if b + 1 < n else 1.0 - axis[a])
 
+    def change(run: list[Any]) -> float:
+        a, b = run[1], run[2]
+        return abs(float(y[b] - y[max(a - 1, 0)])) / total
+
+    # pass 1: a collapse or expansion that moves less than min_change of the range is no move
+    for r_ in runs:
+        if r_[0] != "flat" and change(r_) < min_change:
+            r_[0] = "flat"
+    runs = _runs_join(runs)
+    # pass 2: flat stretches shorter than min_length join their longer neighbour, shortest first
     while len(runs) > 1:
-        ws = [weight(r_) for r_ in runs]
-        i = int(np.argmin(ws))
-        if ws[i] >= min_length:
+        short = [i for i, r_ in enumerate(runs) if r_[0] == "flat" and t_share(r_) < min_length]
+        if not short:
             break
+        i = min(short, key=lambda i: t_share(runs[i]))
         if i == 0:
             j = 1
         elif i == len(runs) - 1:
             j = i - 1
         else:
-            j = i - 1 if ws[i - 1] >= ws[i + 1] else i + 1
-        a, b = min(runs[i][1], runs[j][1]), max(runs[i][2], runs[j][2])
-        runs[j] = [runs[j][0], a, b]
+            j = i - 1 if t_share(runs[i - 1]) >= t_share(runs[i + 1]) else i + 1
+        lo, hi = min(runs[i][1], runs[j][1]), max(runs[i][2], runs[j][2])
+        runs[j] = [runs[j][0], lo, hi]
         del runs[i]
         runs = _runs_join(runs)
+    bounds = [(lab, (a - 1 if a > 0 else 0), b) for lab, a, b in runs]
+    net_total = sum(abs(float(y[b] - y[lo])) for _, lo, b in bounds) or 1.0
     phases = []
     moved = False
-    for k, (lab, a, b) in enumerate(runs):
+    for (lab, a, b), (_, lo, _) in zip(runs, bounds):
         if lab == "flat":
             lab = "stabilization" if moved else "other"
         else:
             moved = True
-        # the variation between the sample before the phase and its last sample belongs to it
-        lo = a - 1 if a > 0 else 0
-        share = float(tv[lo:b].sum()) / total
-        phases.append(Phase(lab, int(s[a]), int(s[b]), share, float(y[b] - y[lo])))
+        # the change from the sample before the phase to its last sample belongs to it
+        delta = float(y[b] - y[lo])
+        phases.append(Phase(lab, int(s[a]), int(s[b]), abs(delta) / net_total, delta))
     return phases
 
 
@@ -160,18 +174,29 @@ def _runs_join(runs: list[list[Any]]) -> list[list[Any]]:
 
 
 def early_share(
-    values: Any, steps: Any = None, fractions: tuple[float, ...] = (0.1, 0.25), smooth: float = 0.03, time: str = "log"
+    values: Any, steps: Any = None, fractions: tuple[float, ...] = (0.1, 0.25), smooth: float = 0.03, time: str = "linear", **phase_kwargs: Any
 ) -> dict[float, float]:
-    """Share of the total variation of the smoothed curve within the first ``fraction`` of steps."""
+    """Share of the total change made within the first ``fraction`` of the run's steps.
+
+    The total change is Σ|Δ| over the phases of :func:`segment_phases` (net change of the smoothed
+    curve per phase); the part within the cut counts each phase's net change up to the cut.
+    """
     x, s = as_series(values, steps, owner="early_share")
     y, _ = smooth_curve(x, s, smooth, time)
-    tv = np.abs(np.diff(y))
-    total = float(tv.sum()) or 1.0
+    ph = segment_phases(x, s, smooth=smooth, time=time, **phase_kwargs)
+    pos = {int(v): i for i, v in enumerate(s)}
+    spans = []
+    for p in ph:
+        a, b = pos[p.start], pos[p.end]
+        spans.append((a - 1 if a > 0 else 0, b))
+    total = sum(abs(float(y[b] - y[lo])) for lo, b in spans) or 1.0
     out = {}
     for f in fractions:
         f = check_float(f, "fractions", low=0.0, high=1.0, owner="early_share")
         cut = s[0] + f * (s[-1] - s[0])
-        out[f] = float(tv[s[1:] <= cut].sum()) / total
+        k = int(np.searchsorted(s, cut, side="right") - 1)
+        part = sum(abs(float(y[min(b, k)] - y[lo])) for lo, b in spans if lo <= k)
+        out[f] = part / total
     return out
 
 
