@@ -37,6 +37,7 @@ __all__ = [
     "jump_scores",
     "robust_sigma",
     "peaks",
+    "segment_jumps",
     "ZScore",
     "Pelt",
     "pelt_l2",
@@ -138,6 +139,36 @@ def jump_scores(x: Any, window: int = 50, *, min_side: int | None = None) -> tup
     jump[t] = j
     z[t] = u / scale
     return jump, z, scale
+
+
+def segment_jumps(x: Any, bkps: list[int], window: int, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """The jump at each breakpoint with its windows stopped at the neighbouring breakpoints.
+
+    For breakpoint b_i the left line is fitted on [max(b_{i−1}, b_i − window), b_i) and the right one
+    on [b_i, min(b_{i+1}, b_i + window)) (at least 2 samples a side, ignoring a neighbour closer
+    than that). Returns (jumps, z) with z = (J / white-noise s.e.) / ``scale``.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    n = len(x)
+    if not bkps:
+        return np.zeros(0), np.zeros(0)
+    b = np.asarray(bkps, dtype=np.int64)
+    prev = np.concatenate([[0], b[:-1]])
+    nxt = np.concatenate([b[1:], [n]])
+    la = np.maximum(prev, b - window)
+    la = np.where(b - la < 2, np.maximum(0, b - 2), la)
+    rb = np.minimum(nxt, b + window)
+    rb = np.where(rb - b < 2, np.minimum(n, b + 2), rb)
+    idx = np.arange(n, dtype=np.float64)
+    xc = x - np.median(x)
+    cx = np.concatenate([[0.0], np.cumsum(xc)])
+    cix = np.concatenate([[0.0], np.cumsum(idx * xc)])
+    p = b - 0.5
+    left, se_l = _side_fit(cx, cix, la, b, p)
+    right, se_r = _side_fit(cx, cix, b, rb, p)
+    j = right - left
+    z = j / np.sqrt(se_l**2 + se_r**2) / scale
+    return j, z
 
 
 def peaks(score: np.ndarray, threshold: float, refractory: int) -> list[int]:
@@ -331,14 +362,17 @@ class Pelt(BaseDetector):
         Minimum segment length in samples.
     confirm_z:
         PELT with an l2 cost cuts any drift or smooth trend into steps, and a white-noise penalty
-        cuts AR(1) noise into steps. Each boundary is therefore kept only if the robust z-score of
-        its two-sided local-linear jump (:func:`jump_scores`, ``window`` samples a side) reaches
-        ``confirm_z`` (searched within ±1 sample). ``None`` keeps raw PELT.
+        cuts AR(1) noise into steps. Each boundary is therefore kept only if its local-linear jump,
+        measured with windows of up to ``window`` samples that stop at the neighbouring boundaries
+        (:func:`segment_jumps`), reaches ``confirm_z`` on the robust scale of :func:`jump_scores`.
+        The weakest boundary is dropped and the rest re-measured until all pass. ``None`` keeps raw
+        PELT.
     window:
         Window of the confirming jump statistic.
 
     Attributes: ``penalty_``, ``raw_indices_`` (PELT's boundaries), ``change_indices_``,
-    ``steps_``, ``jump_``, ``scores_``.
+    ``sizes_`` and ``change_z_`` (jump and z of each kept boundary), ``steps_``, ``jump_`` and
+    ``scores_`` (the full-window statistic).
     """
 
     _param_names = ("penalty", "model", "min_size", "confirm_z", "window")
@@ -377,18 +411,26 @@ class Pelt(BaseDetector):
         else:
             algo = rpt.Pelt(model=self.model, min_size=ms, jump=1).fit(x.reshape(-1, 1))
             self.raw_indices_ = [int(b) for b in algo.predict(pen=self.penalty_)[:-1]]
-        self.jump_, self.scores_, _ = jump_scores(x, w)
-        if cz is None:
-            self.change_indices_ = list(self.raw_indices_)
-        else:
-            kept = []
-            a = np.abs(np.nan_to_num(self.scores_, nan=0.0))
-            for b in self.raw_indices_:
-                lo, hi = max(0, b - 1), min(n, b + 2)
-                if a[lo:hi].max(initial=0.0) >= cz:
-                    kept.append(b)
-            self.change_indices_ = kept
+        self.jump_, self.scores_, scale = jump_scores(x, w)
+        bk = list(self.raw_indices_)
+        if cz is not None and bk and np.isfinite(scale):
+            # backward elimination: drop the weakest boundary until every one left is confirmed
+            while bk:
+                _, zb = segment_jumps(x, bk, w, scale)
+                i = int(np.argmin(np.abs(zb)))
+                if abs(zb[i]) >= cz:
+                    break
+                del bk[i]
+        elif cz is not None:
+            bk = []
+        self.change_indices_ = bk
+        self.sizes_, self.change_z_ = segment_jumps(x, bk, w, scale if np.isfinite(scale) else 1.0)
         return self
+
+    def sizes(self) -> list[float]:
+        """Signed size of each change: the local-linear jump between its neighbouring boundaries."""
+        self._check_fitted()
+        return [float(v) for v in self.sizes_]
 
 
 class Cusum(BaseDetector):
