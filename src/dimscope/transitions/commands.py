@@ -36,7 +36,7 @@ def parse_params(items: list[str] | None) -> dict[str, Any]:
 def register(app: typer.Typer) -> None:
     from rich.console import Console
 
-    console = Console()
+    console = Console(width=200)
 
     @app.command("validate-detector")
     def validate_detector(
