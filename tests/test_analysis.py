@@ -208,3 +208,13 @@ def test_report_section_renders_the_validity_panel(tmp_path):
     assert "Detector validity" in sec.html and "{{fig:transitions_phases}}" in sec.html
     assert "ar1" in sec.html and "Convention sensitivity" in sec.html
     assert "transitions_phases" in sec.figures
+
+
+def test_transition_counts_list_every_series_with_zeros(tmp_path):
+    path = tmp_path / "syn6"
+    _synthetic_run(path, floor_sd=0.05)
+    a = analyze_run(path, metrics=("stable_rank",), validity_replicates=1, resolutions=(), store=False)
+    c = a.transition_counts().set_index(["convention", "layer"])
+    assert len(c) == 4
+    assert c.loc[("probe/centered", "a"), "significant"] == 1
+    assert c.loc[("probe/uncentered", "a"), "significant"] == 0

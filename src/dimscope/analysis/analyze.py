@@ -58,11 +58,12 @@ class Analysis:
 
     def transition_counts(self) -> pd.DataFrame:
         """Per convention, layer and metric: detected and significant transitions."""
+        rows = []
         t = self.transitions
-        if t.empty:
-            return pd.DataFrame(columns=["convention", "layer", "metric", "detected", "significant"])
-        g = t.groupby(["convention", "layer", "metric"], sort=False)
-        return g.agg(detected=("step", "size"), significant=("significant", "sum")).reset_index()
+        for e in self.early.itertuples():  # one row per analysed series, zeros included
+            tt = t[(t.convention == e.convention) & (t.layer == e.layer) & (t.metric == e.metric)]
+            rows.append({"convention": e.convention, "layer": e.layer, "metric": e.metric, "detected": int(len(tt)), "significant": int(tt["significant"].sum()) if len(tt) else 0})
+        return pd.DataFrame(rows, columns=["convention", "layer", "metric", "detected", "significant"])
 
 
 def _phase_string(ph: pd.DataFrame) -> str:
