@@ -81,8 +81,8 @@ def resolution_analysis(
 ) -> ResolutionResult:
     """Compare the transitions found at full resolution with those found at coarser ones.
 
-    With ``noise_floor``, reference transitions smaller than ``k`` × noise floor are marked not
-    significant and (``significant_only``) left out of the comparison.
+    With ``noise_floor``, transitions smaller than ``k`` × noise floor are marked not significant:
+    reference ones are (``significant_only``) left out of the comparison, coarse ones are dropped.
     """
     det = detector if detector is not None else Pelt()
     tolerance = check_int(tolerance, "tolerance", min_value=0, owner="resolution_analysis")
@@ -100,10 +100,10 @@ def resolution_analysis(
         mask = s % every == 0
         xs, ss = x[mask], s[mask]
         tol = max(tolerance, every)
+        found = []
         if len(xs) >= 6:
-            found = _rescaled(det, base / every).fit(xs, ss).predict()
-        else:
-            found = []
+            d = _rescaled(det, base / every).fit(xs, ss)
+            found = [st for st, z in zip(d.predict(), d.sizes()) if noise_floor is None or (np.isfinite(z) and abs(z) >= k * noise_floor)]
         seen, extra = _match_one_to_one(found, list(table["step"]), tol)
         table[f"seen_{every}"] = seen
         summary.append(
