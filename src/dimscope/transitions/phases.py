@@ -2,7 +2,8 @@
 
 Definition (:func:`segment_phases`):
 
-1. Smooth: a running median over 5 samples (spikes out), then a Savitzky–Golay filter (quadratic)
+1. Smooth: a running median over 5 samples (spikes out), then a Savitzky–Golay filter (quadratic,
+   edges padded with the end values so a collapse in the first samples is kept)
    over ``smooth`` × n points (odd, at least 5), whose first derivative gives the slope per step.
    With ``time="log"`` the filter runs on a grid uniform in log-steps, so a collapse in the first
    50 steps is not smeared over 500, at the price of coarser boundaries late in training (see
@@ -73,7 +74,7 @@ def smooth_curve(values: Any, steps: Any = None, smooth: float = 0.03, time: str
     win = max(5, int(round(smooth * n)) | 1)
     win = min(win, n if n % 2 else n - 1)
     if time == "linear":
-        y = savgol_filter(xm, win, 2, mode="interp")
+        y = savgol_filter(xm, win, 2, mode="nearest")
         return y, np.gradient(y, sf)
     off = sf - sf[0]
     c = max(float(np.min(np.diff(sf))), off[-1] / 1000.0)
