@@ -218,3 +218,14 @@ def test_transition_counts_list_every_series_with_zeros(tmp_path):
     assert len(c) == 4
     assert c.loc[("probe/centered", "a"), "significant"] == 1
     assert c.loc[("probe/uncentered", "a"), "significant"] == 0
+
+
+def test_series_jitter_of_an_integer_metric_is_not_zero():
+    from dimscope.transitions.noise import series_jitter
+
+    v = np.full(400, 7.0)
+    v[100:] += 1
+    v[250:] -= 1  # a few unit moves, most increments exactly 0: MAD = 0
+    assert robust_sigma(v) == 0.0
+    assert series_jitter(v) == pytest.approx(np.std(np.diff(v), ddof=1) / np.sqrt(2))
+    assert series_jitter(v) > 0

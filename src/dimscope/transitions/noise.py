@@ -11,7 +11,7 @@ metric, and stores the replicate values as the artifact ``"transitions/noise_rep
 median over the bootstrapped steps of the bootstrap standard deviation. A detected change smaller
 than ``k`` × noise floor is *not significant*. Where no bootstrap was recorded (an older run, or
 a convention the extension could not see such as batch mode), the fallback is the series' own
-measurement-to-measurement jitter, 1.4826·MAD(Δx)/√2, and the table says ``source="series"``.
+measurement-to-measurement jitter (:func:`series_jitter`), and the table says ``source="series"``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from ..metrics import compute_metrics
 from ..tracker import Tracker, TrackerExtension
 from .detectors import robust_sigma
 
-__all__ = ["NoiseFloor", "noise_floor", "REPLICATES_ARTIFACT", "NOISE_ARTIFACT"]
+__all__ = ["NoiseFloor", "noise_floor", "series_jitter", "REPLICATES_ARTIFACT", "NOISE_ARTIFACT"]
 
 REPLICATES_ARTIFACT = "transitions/noise_replicates"
 NOISE_ARTIFACT = "analysis/noise_floor"
@@ -102,6 +102,16 @@ class NoiseFloor(TrackerExtension):
         return pd.DataFrame(self.rows, columns=["step", "layer", "metric", "convention", "replicate", "value"])
 
 
+def series_jitter(values: Any) -> float:
+    """Measurement-to-measurement jitter: 1.4826·MAD(Δx)/√2, or, when most increments are exactly
+    zero (integer-valued metrics such as ``energy_rank``, where the MAD is 0), std(Δx)/√2."""
+    v = np.asarray(values, dtype=np.float64)
+    s = robust_sigma(v)
+    if s == 0.0 and len(v) > 2:
+        s = float(np.std(np.diff(v), ddof=1) / np.sqrt(2.0))
+    return s
+
+
 def noise_floor(run: Any, metrics: Iterable[str] | None = None, conventions: Iterable[str] | None = None) -> pd.DataFrame:
     """The noise floor of every (layer, metric, convention) of a run.
 
@@ -129,5 +139,5 @@ def noise_floor(run: Any, metrics: Iterable[str] | None = None, conventions: Ite
             rows.append({"layer": key[0], "metric": key[1], "convention": key[2], "noise_floor": boot[key][0], "source": "bootstrap", "n_steps": boot[key][1]})
         else:
             v = g.drop_duplicates("step", keep="last")["value"].dropna().to_numpy()
-            rows.append({"layer": key[0], "metric": key[1], "convention": key[2], "noise_floor": robust_sigma(v), "source": "series", "n_steps": 0})
+            rows.append({"layer": key[0], "metric": key[1], "convention": key[2], "noise_floor": series_jitter(v), "source": "series", "n_steps": 0})
     return pd.DataFrame(rows, columns=["layer", "metric", "convention", "noise_floor", "source", "n_steps"])
