@@ -32,6 +32,8 @@ def demo(
     run: Path = typer.Option(Path("runs/demo"), help="Run directory (overwritten)."),
     seed: int = typer.Option(0, help="Seed for the model, the split and the batches."),
     report: bool = typer.Option(True, help="Write the HTML report at the end."),
+    mode: str = typer.Option("probe", help="Measurement mode(s), comma-separated: probe, batch (first is the default convention)."),
+    conventions: str = typer.Option("centered", help="Centering convention(s), comma-separated: centered, uncentered."),
 ) -> None:
     """Train the reference MLP on load_digits with a Tracker, then print the summary."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -47,7 +49,9 @@ def demo(
             if step % 50 == 0 or step == steps - 1:
                 prog.update(task, completed=step + 1)
 
-        out = run_demo(run, steps=steps, every=every, seed=seed, progress=progress)
+        modes = tuple(m.strip() for m in mode.split(",") if m.strip())
+        convs = tuple(c.strip() for c in conventions.split(",") if c.strip())
+        out = run_demo(run, steps=steps, every=every, seed=seed, progress=progress, conventions=convs, tracker_kwargs={"mode": modes if len(modes) > 1 else modes[0]})
     elapsed = time.perf_counter() - t0
     r = open_run(run)
     console.print(_table(summary_table(r), f"dimscope demo — {steps} steps, every {every}, probe {r.manifest.get('probe_size')} held-out digits"))

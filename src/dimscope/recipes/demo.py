@@ -50,8 +50,13 @@ def run_demo(
     conventions: tuple[str, ...] = ("centered",),
     progress: Callable[[int], None] | None = None,
     tracker_kwargs: dict[str, Any] | None = None,
+    noise_floor: bool = True,
 ) -> dict[str, Any]:
-    """Train the demo MLP with a Tracker; returns {"run": path, "test_accuracy": ..., "final_loss": ...}."""
+    """Train the demo MLP with a Tracker; returns {"run": path, "test_accuracy": ..., "final_loss": ...}.
+
+    ``noise_floor`` adds a :class:`~dimscope.transitions.noise.NoiseFloor` extension (probe
+    bootstrap at ~8 evenly spaced measurement steps) when probe mode comes first.
+    """
     Xtr, ytr, Xp, yp = digits_split(seed=seed)
     model = demo_model(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -60,6 +65,12 @@ def run_demo(
     perm = torch.randperm(n, generator=g)
     pos = 0
     kwargs = dict(tracker_kwargs or {})
+    mode = kwargs.get("mode", "probe")
+    if noise_floor and (mode if isinstance(mode, str) else tuple(mode)[0]) == "probe":
+        from ..transitions.noise import NoiseFloor
+
+        nf_every = max(every, (steps // 8) // every * every)
+        kwargs["extensions"] = [*kwargs.get("extensions", ()), NoiseFloor(every=nf_every)]
     with Tracker(
         model, probe=Xp, every=every, layers=DEMO_LAYERS, run=str(run), overwrite=overwrite, grad_norm=True,
         conventions=conventions,
