@@ -314,3 +314,21 @@ def test_a_failing_measurement_warns_and_training_goes_on(tmp_path, background):
         with Broken(model, probe=torch.randn(16, 10), every=1, layers="0", run=tmp_path / "f", background=background) as tr:
             train(model, tr, steps=4)
     assert list(dimscope.open_run(tmp_path / "f").metric("stable_rank", "0").index) == [0, 2, 3]
+
+
+def test_dataframe_artifacts_keep_their_types(tmp_path):
+    store = dimscope.RunStore(tmp_path / "a")
+    df = pd.DataFrame({"layer": ["0", "2"], "metric": ["stable_rank", "rankme"], "value": [1.5, 2.0], "step": [10, 20]})
+    store.put_artifact("analysis/x", df)
+    store.put_artifact("arr", np.arange(6.0).reshape(2, 3))
+    store.put_artifact("obj", {"verdict": "VALID", "n": 3})
+    store.close()
+    run = dimscope.open_run(tmp_path / "a")
+    back = run.artifact("analysis/x")
+    assert list(back["layer"]) == ["0", "2"]  # layer names stay strings
+    assert back["value"].tolist() == [1.5, 2.0] and back["step"].tolist() == [10, 20]
+    assert run.artifact("arr").shape == (2, 3)
+    assert run.artifact("obj") == {"verdict": "VALID", "n": 3}
+    assert run.artifacts() == ["analysis/x", "arr", "obj"]
+    with pytest.raises(KeyError, match="No artifact 'missing'"):
+        run.artifact("missing")

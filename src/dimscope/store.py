@@ -357,7 +357,7 @@ class Run:
         if kind == "ndarray":
             return np.load(io.BytesIO(data), allow_pickle=False)
         if kind == "dataframe":
-            return pd.read_json(io.StringIO(data.decode()), orient="split")
+            return pd.read_json(io.StringIO(data.decode()), orient="split", dtype=False, convert_dates=False)
         return json.loads(data.decode())
 
     def artifacts(self) -> list[str]:
