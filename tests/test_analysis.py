@@ -197,17 +197,23 @@ def test_cli_analyze_and_validate_detector(tmp_path, capsys):
     assert main(["validate-detector", "--param", "bogus"]) == 2
 
 
-def test_report_section_renders_the_validity_panel(tmp_path):
+def test_report_sections_render_the_analysis(tmp_path):
+    from dimscope.report.core import transitions_section, validity_section
     from dimscope.transitions.report import report_section
 
     path = tmp_path / "syn5"
     _synthetic_run(path, floor_sd=0.05)
     assert report_section(dimscope.open_run(path)) is None  # nothing analysed yet
     analyze_run(path, metrics=("stable_rank",), validity_replicates=1, resolutions=())
-    sec = report_section(dimscope.open_run(path))
-    assert "Detector validity" in sec.html and "{{fig:transitions_phases}}" in sec.html
-    assert "ar1" in sec.html and "Convention sensitivity" in sec.html
-    assert "transitions_phases" in sec.figures
+    run = dimscope.open_run(path)
+    sec = report_section(run)
+    assert "Convention sensitivity" in sec.html
+    assert "probe/centered" in sec.html and "probe/uncentered" in sec.html  # counts per convention
+    val = validity_section(run)  # the validity panel lives in the core report
+    assert "ar1" in val.html and "validity" in val.figures
+    tr = transitions_section(run)
+    events_part = tr.html.split("<h3>Noise floors")[0]  # noise floors are listed for every convention
+    assert "Transitions (probe/centered)" in events_part and "probe/uncentered" not in events_part
 
 
 def test_transition_counts_list_every_series_with_zeros(tmp_path):

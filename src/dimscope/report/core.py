@@ -423,8 +423,9 @@ def transitions_section(run: Any) -> ReportSection:
     """Phases, transitions (significant ones listed), alerts and noise floors stored in ``run``."""
     from ..plot import phase_events, transition_events
 
-    ph = phase_events(run)
-    tr = transition_events(run)
+    conv = run.default_convention  # other conventions: the sensitivity section
+    ph = phase_events(run, convention=conv)
+    tr = transition_events(run, convention=conv)
     al = _events(run, "alert")
     nf = run.artifact("analysis/noise_floor", default=None)
     parts = []
@@ -435,7 +436,10 @@ def transitions_section(run: Any) -> ReportSection:
         )
     if not ph.empty:
         ph = ph.assign(length=ph["end"] - ph["start"])
-        parts.append("<h3>Phases</h3><p>Segments of each metric's curve with their label, steps, and share of the total change.</p>")
+        parts.append(
+            f"<h3>Phases ({_e(conv)})</h3><p>Segments of each metric's curve with their label, steps, and share of the "
+            "total change.</p>"
+        )
         parts.append(html_table(ph[["layer", "metric", "label", "start", "end", "length", "share_of_change"]]))
     if not tr.empty:
         counts = (
@@ -446,7 +450,7 @@ def transitions_section(run: Any) -> ReportSection:
         counts["significant"] = counts["significant"].astype(int)
         counts["below noise floor"] = counts["detected"] - counts["significant"]
         parts.append(
-            f"<h3>Transitions</h3><p>{int(tr['significant'].sum())} significant of {len(tr)} detected changes. Only "
+            f"<h3>Transitions ({_e(conv)})</h3><p>{int(tr['significant'].sum())} significant of {len(tr)} detected changes. Only "
             "significant ones are drawn in the plots.</p>"
         )
         parts.append(html_table(counts))
