@@ -20,6 +20,9 @@ from .epsrank import (
     quadrature,
     trapezoid,
 )
+from .analysis import StaircaseResult, analyze_staircase, coincidence, eps_rank_steps, find_rises, loss_drops
+from .pretrain import PretrainResult, pretrain_first_layer
+from .recipe import run_staircase
 
 __all__ = [
     "EpsRank",
@@ -31,4 +34,13 @@ __all__ = [
     "monte_carlo",
     "quadrature",
     "trapezoid",
+    "StaircaseResult",
+    "analyze_staircase",
+    "coincidence",
+    "eps_rank_steps",
+    "find_rises",
+    "loss_drops",
+    "PretrainResult",
+    "pretrain_first_layer",
+    "run_staircase",
 ]

@@ -216,13 +216,17 @@ def run_staircase(
 
 
 def summarize(runs: pd.DataFrame, coin: pd.DataFrame) -> pd.DataFrame:
-    """Per (target, condition): steps-to-target and final loss with their spread over seeds, and the
+    """Per (target, condition): steps-to-target (median over seeds, a seed that never reaches the
+    target counting as later than the last step; min/max over the seeds that reach it) and final loss
+    with their spread over seeds, and the
     terminal hidden layer's coincidence share (pooled over seeds) beside its chance share."""
     terminal = HIDDEN_LAYERS[-1]
     out = []
     for (target, cond), g in runs.groupby(["target", "condition"], sort=False):
         stt = g["steps_to_target"].to_numpy()
         reached = np.isfinite(stt)
+        # seeds that never reach the target count as "later than the last step" for the median
+        med = float(np.median(np.where(reached, stt, np.inf)))
         fl = g["final_loss"].to_numpy()
         c = coin[(coin["target"] == target) & (coin["condition"] == cond) & (coin["layer"] == terminal)]
         n_drops = int(c["n_drops"].sum())
@@ -231,7 +235,9 @@ def summarize(runs: pd.DataFrame, coin: pd.DataFrame) -> pd.DataFrame:
             "condition": cond,
             "n_seeds": len(g),
             "reached": int(reached.sum()),
-            "steps_to_target_median": float(np.median(stt[reached])) if reached.any() else float("nan"),
+            "steps_to_target_median": med if np.isfinite(med) else float("nan"),
+            "median_censored": bool(not np.isfinite(med)),
+            "steps": int(g["steps"].iloc[0]),
             "steps_to_target_min": float(stt[reached].min()) if reached.any() else float("nan"),
             "steps_to_target_max": float(stt[reached].max()) if reached.any() else float("nan"),
             "final_loss_median": float(np.median(fl)),
