@@ -225,6 +225,6 @@ def test_tracker_extension_writes_counts_spectra_and_manifest(tmp_path):
     assert man["quadrature"]["weight_sum"] == pytest.approx(2.0)
     spec = run.spectra("leg.out", convention="function")
     np.testing.assert_allclose(np.sort(spec.loc[4].values), np.sort(LEGENDRE) / 4, rtol=1e-6)
-    rec = run.recompute("eps_rank", "leg.out", convention="function", eps=0.1, relative=False)
+    rec = run.recompute("eps_rank", "leg.out", convention="function", eps=0.08, relative=False)
     assert rec.set_index("step")["value"].to_dict() == {0: 10.0, 2: 10.0, 4: 3.0}
     assert [h["eps_rank"] for h in ext.history if h["eps"] == 0.15] == [7.0, 7.0, 2.0]
