@@ -3,11 +3,13 @@
 Definitions (ours; every threshold is a parameter and is returned with the result)
 --------------------------------------------------------------------------------
 *Rises.* A series v (for the loss: −log10(loss); for an ε-rank: the count) is median-filtered over
-``smooth`` samples (removes Adam spikes and ±1 flicker); its rate r = max(Δv, 0) per sample is
-smoothed the same way. A **rise** is a peak of r (``scipy.signal.find_peaks``) whose peak rate is at
-least ``min_ratio`` × the series' average rate (v_end − v_start)/(n − 1) and whose region — the
-contiguous samples around the peak with r ≥ ``region_frac`` × peak rate — raises v by at least
-``min_rise``. A rise is reported as (step of the peak, start step, end step, size).
+``smooth`` samples (removes Adam spikes and ±1 flicker); its rate r = max(dv/dsample, 0) is a
+Savitzky–Golay derivative (window 2·smooth + 1, quadratic). A **rise** is a peak of r
+(``scipy.signal.find_peaks``) at least ``min_ratio`` × the series' average rate
+(v_end − v_start)/(n − 1); its region is the contiguous samples around the peak with
+r ≥ ``region_frac`` × peak rate, overlapping regions are merged into one, and a region counts only if
+it raises v by at least ``min_rise``. A rise is reported as (step of the largest rate, start step,
+end step, size).
 
 * A **loss drop** is a rise of −log10(loss) with ``min_rise`` in decades (default 0.1) and
   ``min_ratio`` = 2: a drop falls at least twice as fast as the loss does on average, so a loss that
@@ -30,7 +32,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from scipy.ndimage import median_filter
-from scipy.signal import find_peaks
+from scipy.signal import find_peaks, savgol_filter
 
 from .._validation import check_float, check_int
 
@@ -69,15 +71,17 @@ def find_rises(
     if n < 3:
         return pd.DataFrame(columns=_RISE_COLUMNS)
     vs = median_filter(v, size=smooth, mode="nearest") if smooth > 1 else v
-    r = np.clip(np.diff(vs, prepend=vs[0]), 0.0, None)
-    if smooth > 1:
-        r = np.convolve(r, np.ones(smooth) / smooth, mode="same")
+    win = min(2 * smooth + 1, n if n % 2 else n - 1)
+    if smooth > 1 and win >= 3:
+        r = savgol_filter(vs, win, polyorder=min(2, win - 1), deriv=1, mode="interp")
+    else:
+        r = np.diff(vs, prepend=vs[0])
+    r = np.clip(r, 0.0, None)
     avg = max((vs[-1] - vs[0]) / (n - 1), 0.0)
     height = max(min_ratio * avg, 1e-12)
     peaks, _ = find_peaks(np.concatenate([[0.0], r, [0.0]]), height=height)
     peaks = peaks - 1
-    rows: list[tuple[float, float, float, float]] = []
-    seen: set[tuple[int, int]] = set()
+    regions: list[list[int]] = []
     for p in peaks:
         thr = region_frac * r[p]
         a = p
@@ -86,11 +90,19 @@ def find_rises(
         b = p
         while b < n - 1 and r[b + 1] >= thr and r[b + 1] > 0:
             b += 1
-        if (a, b) in seen:
-            continue
-        seen.add((a, b))
+        regions.append([a, b])
+    regions.sort()
+    merged: list[list[int]] = []
+    for a, b in regions:  # overlapping or touching regions are one rise
+        if merged and a <= merged[-1][1] + 1:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    rows: list[tuple[float, float, float, float]] = []
+    for a, b in merged:
         lo, hi = max(a - 1, 0), min(b + 1, n - 1)
         size = float(vs[hi] - vs[lo])
+        p = a + int(np.argmax(r[a : b + 1]))
         if size >= min_rise and size > 0:
             rows.append((float(s[p]), float(s[a]), float(s[b]), size))
     return pd.DataFrame(rows, columns=_RISE_COLUMNS)

@@ -181,6 +181,8 @@ def pretrain_first_layer(
     lr = check_float(lr, "lr", low=0.0, low_inclusive=False, owner="pretrain_first_layer")
     lin_name, hid_name = first_layers(model, linear, hidden)
     lin: nn.Linear = model.get_submodule(lin_name)  # type: ignore[assignment]
+    if lin.in_features != len(box):
+        raise ValueError(f"The 'domain' parameter has {len(box)} axes but the first layer takes {lin.in_features} inputs.")
     q = points if points is not None else trapezoid(box, 257 if len(box) == 1 else 33)
     before = eps_rank_function_space(model, hid_name, q, eps=eps, normalize=normalize)
     losses: list[float] = []
@@ -201,7 +203,7 @@ def pretrain_first_layer(
             loss = ((_normalized_gram(phi, w) - eye) ** 2).sum() / n**2
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         for p in params:
             p.grad = None
     after = eps_rank_function_space(model, hid_name, q, eps=eps, normalize=normalize)
