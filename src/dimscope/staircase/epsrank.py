@@ -447,15 +447,14 @@ class FunctionSpaceEpsRank(TrackerExtension):
 
 def _functions_of_layers(model: nn.Module, layers: Sequence[str], points: torch.Tensor) -> dict[str, torch.Tensor]:
     flags = [(m, m.training) for m in model.modules()]
-    try:
-        device = next(model.parameters()).device
-    except StopIteration:
-        device = points.device
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if param is not None and points.is_floating_point():
+        points = points.to(device=param.device, dtype=param.dtype)  # the inputs follow the model
     out: dict[str, torch.Tensor] = {}
     model.eval()
     try:
         with torch.no_grad(), capture(model, list(layers)) as cap:
-            model(points.to(device))
+            model(points)
             for name in layers:
                 t = pick_tensor(cap.outputs.get(name))
                 if t is not None:

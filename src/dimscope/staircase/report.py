@@ -59,11 +59,12 @@ def _figures(run: Any, cfg: dict[str, Any]) -> dict[str, Any]:
         ax.legend(uniq.values(), uniq.keys(), fontsize=8)
         ax.set_title(f"training loss — {t} (every seed)")
         ax.set_xlabel("optimizer step")
+    fig.tight_layout()
     figs["staircase_loss"] = fig
     for t in targets:
         sub = ranks[ranks["target"] == t]
         conds = list(dict.fromkeys(sub["condition"]))
-        fig, axes = plt.subplots(1, len(conds), figsize=(5.5 * len(conds), 3.6), squeeze=False, sharey=True)
+        fig, axes = plt.subplots(1, len(conds), figsize=(6.5 * len(conds), 3.8), squeeze=False)
         for ax, cond in zip(axes[0], conds):
             g0 = sub[(sub["condition"] == cond) & (sub["seed"] == sub["seed"].min())]
             lg = loss[(loss["target"] == t) & (loss["condition"] == cond) & (loss["seed"] == sub["seed"].min())]
@@ -77,6 +78,7 @@ def _figures(run: Any, cfg: dict[str, Any]) -> dict[str, Any]:
             ax.set_xlabel("optimizer step")
             ax.set_ylabel(f"ε-rank ({cfg.get('eps_convention', '')})")
             ax.legend(fontsize=7, loc="center right")
+        fig.tight_layout()
         figs[f"staircase_eps_{t}"] = fig
     return figs
 
