@@ -13,7 +13,9 @@ end step, size).
 
 * A **loss drop** is a rise of −log10(loss) with ``min_rise`` in decades (default 0.1) and
   ``min_ratio`` = 2: a drop falls at least twice as fast as the loss does on average, so a loss that
-  decays at a constant log-rate has no drops. The rest of the time axis is **plateaus**.
+  decays at a constant log-rate has no drops; and its size is measured on the running minimum of
+  the smoothed loss, so only falls to new lows count (a recovery from an Adam spike is not a drop).
+  The rest of the time axis is **plateaus**.
 * An **ε-rank step** is a rise of the ε-rank count with ``min_rise`` = 1 and no rate condition.
 * A drop **coincides** with an ε-rank step of a layer if a step's peak lies within
   [drop start − tol, drop end + tol]. The **share** is coinciding drops / drops. Because wide drops
@@ -60,8 +62,12 @@ def find_rises(
     min_rise: float = 1.0,
     min_ratio: float = 0.0,
     region_frac: float = 0.25,
+    record: bool = False,
 ) -> pd.DataFrame:
-    """Rises of a series (module docstring): DataFrame with columns step, start, end, size."""
+    """Rises of a series (module docstring): DataFrame with columns step, start, end, size.
+
+    With ``record`` the size is the rise of the running maximum of the smoothed series over the
+    region (only new highs count: a recovery from a spike is not a rise)."""
     smooth = check_int(smooth, "smooth", min_value=1, owner="find_rises")
     min_rise = check_float(min_rise, "min_rise", low=0.0, owner="find_rises")
     min_ratio = check_float(min_ratio, "min_ratio", low=0.0, owner="find_rises")
@@ -99,9 +105,10 @@ def find_rises(
         else:
             merged.append([a, b])
     rows: list[tuple[float, float, float, float]] = []
+    level = np.maximum.accumulate(vs) if record else vs
     for a, b in merged:
         lo, hi = max(a - 1, 0), min(b + 1, n - 1)
-        size = float(vs[hi] - vs[lo])
+        size = float(level[hi] - level[lo])
         p = a + int(np.argmax(r[a : b + 1]))
         if size >= min_rise and size > 0:
             rows.append((float(s[p]), float(s[a]), float(s[b]), size))
@@ -109,11 +116,12 @@ def find_rises(
 
 
 def loss_drops(steps: Any, loss: Any, *, smooth: int = 9, min_drop: float = 0.1, min_ratio: float = 2.0) -> pd.DataFrame:
-    """Loss drops: rises of −log10(loss) (sizes in decades). Non-positive losses are an error."""
+    """Loss drops: rises of −log10(loss) to new lows (sizes in decades, measured on the running
+    minimum of the smoothed loss, so recoveries from spikes do not count). Non-positive losses are an error."""
     s, v = _series(steps, loss, "loss_drops")
     if np.any(v <= 0):
         raise ValueError(f"The 'loss' parameter of loss_drops must be > 0 to take its log. Got min {v.min()!r}.")
-    return find_rises(s, -np.log10(v), smooth=smooth, min_rise=min_drop, min_ratio=min_ratio)
+    return find_rises(s, -np.log10(v), smooth=smooth, min_rise=min_drop, min_ratio=min_ratio, record=True)
 
 
 def eps_rank_steps(steps: Any, eps_rank: Any, *, smooth: int = 3, min_step: float = 1.0) -> pd.DataFrame:

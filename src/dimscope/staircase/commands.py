@@ -27,7 +27,7 @@ def register(app: typer.Typer) -> None:
         from .recipe import run_staircase
         from .report import summary_table
 
-        console = Console()
+        console = Console(width=200)
         n_seeds = seeds if seeds is not None else (2 if quick else 5)
         t0 = time.perf_counter()
         out = run_staircase(
