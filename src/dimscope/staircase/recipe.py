@@ -86,13 +86,18 @@ def train_one(
     every: int,
     lr: float = 1e-3,
     run: str | Path | None = None,
+    pretrain: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train one model; returns {"loss": ndarray per step, "eps_rank": DataFrame step × layer, ...}."""
+    """Train one model; returns {"loss": ndarray per step, "eps_rank": DataFrame step × layer, ...}.
+
+    ``pretrain``: keyword arguments of :func:`pretrain_first_layer` (default method "structured",
+    sharpness 1), used when ``pretrained``."""
     x, y, q, dom = make_target(target)
     model = tanh_mlp(x.shape[1], seed=seed)
     pre: dict[str, Any] = {}
     if pretrained:
-        pre = pretrain_first_layer(model, dom, method="structured", points=q, eps=EPS, seed=seed).summary()
+        kw = {"method": "structured", "sharpness": 1.0, **(pretrain or {})}
+        pre = pretrain_first_layer(model, dom, points=q, eps=EPS, seed=seed, **kw).summary()
     ext = FunctionSpaceEpsRank(q, layers=HIDDEN_LAYERS, every=every, eps=EPS)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     losses = np.empty(steps)
@@ -130,13 +135,16 @@ def run_staircase(
     every: int = 10,
     target_rel: float = 1e-3,
     quick: bool = False,
+    pretrain: dict[str, Any] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run the reproduction into ``run`` (overwritten); returns the summary frames.
 
     ``seeds``: a count (seeds 0…n−1) or a list. ``steps``: per target (default 3000 for 1-D and
-    2000 for 2-D; ``quick``: 300 and 200, 2 seeds unless given).
+    2000 for 2-D; ``quick``: 300 and 200, 2 seeds unless given). ``pretrain``: keyword arguments of
+    :func:`pretrain_first_layer` for the "pretrained" condition (default method "structured", sharpness 1).
     """
+    pre_kw = {"method": "structured", "sharpness": 1.0, **(pretrain or {})}
     if isinstance(seeds, int):
         seeds = list(range(check_int(seeds, "seeds", min_value=1, owner="run_staircase")))
     seeds = [int(s) for s in seeds]
@@ -162,7 +170,7 @@ def run_staircase(
         for pretrained in (False, True):
             cond = "pretrained" if pretrained else "plain"
             for seed in seeds:
-                res = train_one(target, seed=seed, pretrained=pretrained, steps=n_steps, every=every, run=run if first else None)
+                res = train_one(target, seed=seed, pretrained=pretrained, steps=n_steps, every=every, run=run if first else None, pretrain=pre_kw)
                 first = False
                 loss = res["loss"]
                 ranks: pd.DataFrame = res["eps_rank"]
@@ -194,7 +202,7 @@ def run_staircase(
         "targets": {t: {**TARGETS[t], "steps": steps_map[t]} for t in targets},
         "seeds": seeds, "every": every, "eps": EPS, "eps_convention": convention_name(EPS), "quadrature": "trapezoid",
         "weights_sum": "|Omega|", "normalize": False, "model": "tanh MLP 4x64", "optimizer": "Adam lr 1e-3 full batch",
-        "pretraining": "pretrain_first_layer(method='structured', sharpness=1)", "target_rel": target_rel,
+        "pretraining": {"function": "pretrain_first_layer", **pre_kw}, "target_rel": target_rel,
         "final_loss": "median of the last 5% of steps", "quick": quick, "hidden_layers": HIDDEN_LAYERS,
         "seconds_total": time.perf_counter() - t_start,
     }

@@ -104,11 +104,11 @@ def report_section(run: Any) -> ReportSection | None:
     defs = (
         f"ε-rank = #{{eigenvalues of M = ΦᵀWΦ &gt; ε}}, ε = {cfg.get('eps')}, trapezoid weights with ΣW = |Ω|, "
         f"neurons not normalised; measured every {cfg.get('every')} steps. Loss drops: peaks of the smoothed "
-        "rate of −log10(loss) at least twice its average rate, falling ≥ 0.1 decade. A drop coincides with an "
+        "rate of −log10(loss) at least twice its average rate, taking the loss ≥ 0.1 decade below its previous minimum. A drop coincides with an "
         "ε-rank step if the step lies in the drop's span ± 3 measurement intervals; the chance share is the "
         "mean share under circular shifts of the ε-rank step times. Steps to target: first step with "
         f"loss ≤ {cfg.get('target_rel')}·mean(f²); final loss: median of the last 5 % of steps. "
-        f"Seeds: {cfg.get('seeds')}."
+        f"Seeds: {cfg.get('seeds')}. Pre-training: {cfg.get('pretraining')}."
     )
     h = (
         f"<p>{html.escape(defs, quote=False)}</p>"
