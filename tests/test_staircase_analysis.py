@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dimscope.cli import main
-from dimscope.staircase import analyze_staircase, eps_rank_function_space, loss_drops, pretrain_first_layer, trapezoid
+from dimscope.staircase import analyze_staircase, loss_drops, pretrain_first_layer, trapezoid
 from dimscope.staircase.analysis import coincidence, eps_rank_steps, find_rises, layer_ordering
 from dimscope.staircase.pretrain import first_layers
 from dimscope.staircase.recipe import tanh_mlp
