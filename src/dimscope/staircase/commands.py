@@ -48,5 +48,6 @@ def register(app: typer.Typer) -> None:
             try:
                 from ..report import write_report
             except ImportError:
+                console.print("report: dimscope.report.write_report is not available in this installation")
                 return
             console.print(f"report: {write_report(run)}")
