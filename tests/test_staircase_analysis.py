@@ -146,3 +146,11 @@ def test_cli_quick_writes_artifacts_table_and_report_section(tmp_path, capsys):
 
     RunStore(empty).close()
     assert report_section(open_run(empty)) is None
+
+
+def test_pretrain_both_runs_structured_then_decorrelate_and_needs_a_linear():
+    model = tanh_mlp(1, seed=1)
+    res = pretrain_first_layer(model, (-1, 1), method="both", steps=20, lr=1e-2)
+    assert res.method == "both" and len(res.losses) == 20 and res.after.count >= 40
+    with pytest.raises(ValueError, match="needs a model with an nn.Linear first layer"):
+        pretrain_first_layer(torch.nn.Sequential(torch.nn.Tanh()), (-1, 1))

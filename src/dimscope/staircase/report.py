@@ -102,7 +102,7 @@ def report_section(run: Any) -> ReportSection | None:
     finals = [c for c in order.columns if c.startswith("final_")]
     ordering = order.groupby(["target", "condition"], sort=False)[["share_ordered", *finals]].median().reset_index()
     defs = (
-        f"ε-rank = #{{eigenvalues of M = ΦᵀWΦ &gt; ε}}, ε = {cfg.get('eps')}, trapezoid weights with ΣW = |Ω|, "
+        f"ε-rank = #{{eigenvalues of M = ΦᵀWΦ > ε}}, ε = {cfg.get('eps')}, trapezoid weights with ΣW = |Ω|, "
         f"neurons not normalised; measured every {cfg.get('every')} steps. Loss drops: peaks of the smoothed "
         "rate of −log10(loss) at least twice its average rate, taking the loss ≥ 0.1 decade below its previous minimum. A drop coincides with an "
         "ε-rank step if the step lies in the drop's span ± 3 measurement intervals; the chance share is the "
