@@ -124,7 +124,7 @@ def test_cli_quick_writes_artifacts_table_and_report_section(tmp_path, capsys):
     from dimscope.staircase.report import report_section
 
     run = tmp_path / "sc"
-    rc = main(["staircase", "--quick", "--seeds", "1", "--steps", "60", "--every", "10", "--targets", "1d", "--run", str(run)])
+    rc = main(["staircase", "--quick", "--seeds", "1", "--steps", "60", "--every", "10", "--targets", "1d", "--workers", "1", "--run", str(run)])
     assert rc == 0
     out = capsys.readouterr().out
     assert "dimscope staircase" in out and "pretrained" in out and "plain" in out

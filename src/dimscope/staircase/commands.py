@@ -18,6 +18,7 @@ def register(app: typer.Typer) -> None:
         steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps for every target (default 3000 for 1-D, 2000 for 2-D)."),
         every: int = typer.Option(10, "--every", help="Measure the ε-rank every k steps."),
         targets: str = typer.Option("1d,2d", "--targets", help="Comma-separated targets among 1d, 2d."),
+        workers: int = typer.Option(2, "--workers", help="Train this many runs at once in separate processes (1 = inline)."),
         method: str = typer.Option("structured", "--method", help="Pre-training method: structured, decorrelate or both."),
         sharpness: float = typer.Option(1.0, "--sharpness", help="Sharpness of the structured first layer."),
         report: bool = typer.Option(False, "--report/--no-report", help="Write the HTML report afterwards."),
@@ -34,7 +35,7 @@ def register(app: typer.Typer) -> None:
         t0 = time.perf_counter()
         out = run_staircase(
             run, seeds=n_seeds, targets=[t.strip() for t in targets.split(",") if t.strip()], steps=steps,
-            every=every, quick=quick, pretrain={"method": method, "sharpness": sharpness},
+            every=every, quick=quick, pretrain={"method": method, "sharpness": sharpness}, workers=workers,
             progress=lambda s: console.print(s),
         )
         elapsed = time.perf_counter() - t0

@@ -121,6 +121,35 @@ def train_one(
             "scale": float((y**2).mean())}
 
 
+def _train_job(job: tuple[Any, ...]) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    target, seed, pretrained, steps, every, run, pre_kw = job
+    return train_one(target, seed=seed, pretrained=pretrained, steps=steps, every=every, run=run, pretrain=pre_kw)
+
+
+def _run_jobs(
+    jobs: list[tuple[Any, ...]], workers: int, done: Callable[[tuple[Any, ...], dict[str, Any]], None]
+) -> list[dict[str, Any]]:
+    """Train every job; results in job order. With workers > 1 in a spawn-context process pool."""
+    if workers == 1 or len(jobs) == 1:
+        results = []
+        for j in jobs:
+            results.append(_train_job(j))
+            done(j, results[-1])
+        return results
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    out: dict[int, dict[str, Any]] = {}
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(_train_job, j): i for i, j in enumerate(jobs)}
+        for f in as_completed(futures):
+            i = futures[f]
+            out[i] = f.result()
+            done(jobs[i], out[i])
+    return [out[i] for i in range(len(jobs))]
+
+
 def _steps_to(loss: np.ndarray, threshold: float) -> float:
     hit = np.nonzero(loss <= threshold)[0]
     return float(hit[0]) if hit.size else float("nan")
@@ -136,6 +165,7 @@ def run_staircase(
     target_rel: float = 1e-3,
     quick: bool = False,
     pretrain: dict[str, Any] | None = None,
+    workers: int = 1,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run the reproduction into ``run`` (overwritten); returns the summary frames.
@@ -143,8 +173,11 @@ def run_staircase(
     ``seeds``: a count (seeds 0…n−1) or a list. ``steps``: per target (default 3000 for 1-D and
     2000 for 2-D; ``quick``: 300 and 200, 2 seeds unless given). ``pretrain``: keyword arguments of
     :func:`pretrain_first_layer` for the "pretrained" condition (default method "structured", sharpness 1).
+    ``workers`` > 1 trains that many runs at once in separate processes (one thread each; the
+    results are the same as with ``workers=1``).
     """
     pre_kw = {"method": "structured", "sharpness": 1.0, **(pretrain or {})}
+    workers = check_int(workers, "workers", min_value=1, owner="run_staircase")
     if isinstance(seeds, int):
         seeds = list(range(check_int(seeds, "seeds", min_value=1, owner="run_staircase")))
     seeds = [int(s) for s in seeds]
@@ -164,38 +197,42 @@ def run_staircase(
     run = Path(run)
     t_start = time.perf_counter()
     loss_rows, rank_rows, coin_rows, order_rows, run_rows, drop_rows = [], [], [], [], [], []
-    first = True
-    for target in targets:
-        n_steps = steps_map[target]
-        for pretrained in (False, True):
-            cond = "pretrained" if pretrained else "plain"
-            for seed in seeds:
-                res = train_one(target, seed=seed, pretrained=pretrained, steps=n_steps, every=every, run=run if first else None, pretrain=pre_kw)
-                first = False
-                loss = res["loss"]
-                ranks: pd.DataFrame = res["eps_rank"]
-                key = {"target": target, "condition": cond, "seed": seed}
-                stride = max(1, n_steps // 1000)
-                loss_rows.append(pd.DataFrame({**key, "step": np.arange(0, n_steps, stride), "loss": loss[::stride]}))
-                long = ranks.reset_index().melt(id_vars="step", var_name="layer", value_name="eps_rank")
-                rank_rows.append(long.assign(**key))
-                smooth = max(5, (n_steps // 100) | 1)
-                st = analyze_staircase(pd.Series(loss, index=np.arange(n_steps)), ranks, layers=HIDDEN_LAYERS, loss_smooth=smooth)
-                coin_rows.append(st.table.assign(**key))
-                if len(st.drops):
-                    drop_rows.append(st.drops.assign(**key))
-                order_rows.append({**key, "share_ordered": st.ordering["share_ordered"],
-                                   **{f"final_{k}": v for k, v in st.ordering["final"].items()},
-                                   **{f"initial_{k}": float(ranks[k].iloc[0]) for k in HIDDEN_LAYERS}})
-                n_tail = max(1, n_steps // 20)
-                run_rows.append({**key, "steps": n_steps, "steps_to_target": _steps_to(loss, target_rel * res["scale"]),
-                                 "final_loss": float(np.median(loss[-n_tail:])), "min_loss": float(loss.min()),
-                                 "target_loss": target_rel * res["scale"], "seconds": res["seconds"],
-                                 "first_layer_eps_rank_init": float(ranks[HIDDEN_LAYERS[0]].iloc[0])})
-                if progress is not None:
-                    r = run_rows[-1]
-                    progress(f"{target} {cond:10s} seed {seed}: steps-to-target {r['steps_to_target']:.0f}, "
-                             f"final loss {r['final_loss']:.2e}, {r['seconds']:.1f} s")
+    jobs = [
+        (target, seed, pretrained, steps_map[target], every, str(run) if i == 0 else None, pre_kw)
+        for i, (target, pretrained, seed) in enumerate((t, p, sd) for t in targets for p in (False, True) for sd in seeds)
+    ]
+
+    def done(job: tuple[Any, ...], res: dict[str, Any]) -> None:
+        if progress is not None:
+            loss = res["loss"]
+            hit = _steps_to(loss, target_rel * res["scale"])
+            progress(f"{job[0]} {'pretrained' if job[2] else 'plain':10s} seed {job[1]}: steps-to-target "
+                     f"{'not reached' if not np.isfinite(hit) else int(hit)}, final loss "
+                     f"{np.median(loss[-max(1, len(loss) // 20):]):.2e}, {res['seconds']:.1f} s")
+
+    results = _run_jobs(jobs, workers, done)
+    for (target, seed, pretrained, n_steps, _, _, _), res in zip(jobs, results):
+        cond = "pretrained" if pretrained else "plain"
+        loss = res["loss"]
+        ranks: pd.DataFrame = res["eps_rank"]
+        key = {"target": target, "condition": cond, "seed": seed}
+        stride = max(1, n_steps // 1000)
+        loss_rows.append(pd.DataFrame({**key, "step": np.arange(0, n_steps, stride), "loss": loss[::stride]}))
+        long = ranks.reset_index().melt(id_vars="step", var_name="layer", value_name="eps_rank")
+        rank_rows.append(long.assign(**key))
+        smooth = max(5, (n_steps // 100) | 1)
+        st = analyze_staircase(pd.Series(loss, index=np.arange(n_steps)), ranks, layers=HIDDEN_LAYERS, loss_smooth=smooth)
+        coin_rows.append(st.table.assign(**key))
+        if len(st.drops):
+            drop_rows.append(st.drops.assign(**key))
+        order_rows.append({**key, "share_ordered": st.ordering["share_ordered"],
+                           **{f"final_{k}": v for k, v in st.ordering["final"].items()},
+                           **{f"initial_{k}": float(ranks[k].iloc[0]) for k in HIDDEN_LAYERS}})
+        n_tail = max(1, n_steps // 20)
+        run_rows.append({**key, "steps": n_steps, "steps_to_target": _steps_to(loss, target_rel * res["scale"]),
+                         "final_loss": float(np.median(loss[-n_tail:])), "min_loss": float(loss.min()),
+                         "target_loss": target_rel * res["scale"], "seconds": res["seconds"],
+                         "first_layer_eps_rank_init": float(ranks[HIDDEN_LAYERS[0]].iloc[0])})
     runs = pd.DataFrame(run_rows)
     coin = pd.concat(coin_rows, ignore_index=True)
     config = {
@@ -204,7 +241,7 @@ def run_staircase(
         "weights_sum": "|Omega|", "normalize": False, "model": "tanh MLP 4x64", "optimizer": "Adam lr 1e-3 full batch",
         "pretraining": {"function": "pretrain_first_layer", **pre_kw}, "target_rel": target_rel,
         "final_loss": "median of the last 5% of steps", "quick": quick, "hidden_layers": HIDDEN_LAYERS,
-        "seconds_total": time.perf_counter() - t_start,
+        "seconds_total": time.perf_counter() - t_start, "workers": workers,
     }
     summary = summarize(runs, coin)
     store = RunStore(run)
