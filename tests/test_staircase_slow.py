@@ -15,7 +15,7 @@ from dimscope.staircase import run_staircase
 
 @pytest.mark.slow
 def test_staircase_1d_reproduction(tmp_path):
-    out = run_staircase(tmp_path / "run", seeds=5, targets=["1d"])
+    out = run_staircase(tmp_path / "run", seeds=5, targets=["1d"], workers=2)
     s = out["summary"].set_index("condition")
     runs = out["runs"]
     # pre-training raised the first hidden layer's ε-rank at step 0
