@@ -23,6 +23,7 @@ from .metrics import (
 from .spectrum import Spectrum, spectrum, weight_spectrum
 from .store import Run, RunStore, open_run
 from .tracker import Tracker, TrackerExtension
+from .staircase.epsrank import eps_rank_function_space
 
 __all__ = [
     "__version__",
@@ -46,4 +47,5 @@ __all__ = [
     "Run",
     "RunStore",
     "open_run",
+    "eps_rank_function_space",
 ]
