@@ -26,7 +26,7 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert main(["summary", str(tmp_path / "missing")]) == 2
     assert "No dimscope run" in capsys.readouterr().out
     assert main(["demo", "--every", "0", "--steps", "5", "--run", str(tmp_path / "x"), "--no-report"]) == 2
-    assert "'every' parameter of Tracker must be an int >= 1. Got 0" in capsys.readouterr().out
+    assert "'every' parameter of run_demo must be an int >= 1. Got 0" in capsys.readouterr().out
 
 
 def test_summary_table_values(tmp_path):

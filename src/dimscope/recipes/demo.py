@@ -15,6 +15,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from .._validation import check_int
 from ..tracker import Tracker
 
 DEMO_LAYERS = ["0", "2", "4"]
@@ -57,6 +58,9 @@ def run_demo(
     ``noise_floor`` adds a :class:`~dimscope.transitions.noise.NoiseFloor` extension (probe
     bootstrap at ~8 evenly spaced measurement steps) when probe mode comes first.
     """
+    check_int(steps, "steps", min_value=1, owner="run_demo")
+    check_int(every, "every", min_value=1, owner="run_demo")
+    check_int(batch_size, "batch_size", min_value=1, owner="run_demo")
     Xtr, ytr, Xp, yp = digits_split(seed=seed)
     model = demo_model(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
