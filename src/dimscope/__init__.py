@@ -49,3 +49,20 @@ __all__ = [
     "open_run",
     "eps_rank_function_space",
 ]
+
+# The analysis areas load on first use (``dimscope.transitions``, ``dimscope.jacobian``...), so
+# ``import dimscope`` stays light and never imports matplotlib or an integration's package.
+_SUBMODULES = frozenset(
+    {
+        "analysis", "architectures", "checkpoints", "experiments", "integrations", "jacobian", "plot", "probes",
+        "recipes", "report", "staircase", "transitions",
+    }
+)
+
+
+def __getattr__(name: str):  # noqa: ANN202
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'dimscope' has no attribute {name!r}")
