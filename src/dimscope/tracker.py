@@ -49,7 +49,7 @@ from .metrics import DEFINITIONS, _normalize_metric_spec, compute_metrics
 from .spectrum import NonFiniteError, Spectrum, spectrum, weight_spectrum
 from .store import RunStore
 
-__all__ = ["Tracker", "TrackerExtension"]
+__all__ = ["Tracker", "TrackerExtension", "probe_forward"]
 
 _Row = tuple[int, float, str, str, float, str, str]
 
@@ -130,6 +130,34 @@ def _call(model: nn.Module, inputs: Any) -> Any:
     if isinstance(inputs, tuple):
         return model(*inputs)
     return model(inputs)
+
+
+def probe_forward(
+    model: nn.Module, probe: Any, layers: Sequence[str], *, batch_size: int | None = None
+) -> dict[str, torch.Tensor]:
+    """The outputs of ``layers`` on the probe inputs: eval mode, ``torch.no_grad()``, in chunks of
+    ``batch_size`` inputs, concatenated along the batch; every module's train/eval flag is restored."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        device: torch.device | None = next(model.parameters()).device
+    except StopIteration:
+        device = None
+    n = _probe_len(probe)
+    bs = batch_size or n
+    chunks: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+    model.eval()
+    try:
+        with torch.no_grad(), capture(model, layers) as cap:
+            for a in range(0, n, bs):
+                cap.clear()
+                _call(model, _slice_probe(probe, a, min(a + bs, n), device))
+                for name in layers:
+                    if name in cap.outputs:
+                        chunks[name].append(cap.outputs[name])
+    finally:
+        for m, was in flags:
+            m.training = was
+    return {name: (parts[0] if len(parts) == 1 else torch.cat(parts, 0)) for name, parts in chunks.items() if parts}
 
 
 def _run_job(job: Callable[[], None], errors: list[BaseException]) -> None:
@@ -421,33 +449,8 @@ class Tracker:
         return feats
 
     def _probe_features(self) -> dict[str, torch.Tensor]:
-        model = self.model
-        flags = [(m, m.training) for m in model.modules()]
-        try:
-            device = next(model.parameters()).device
-        except StopIteration:
-            device = None
-        n = _probe_len(self.probe)
-        bs = self.probe_batch_size or n
-        chunks: dict[str, list[torch.Tensor]] = {name: [] for name in self.layers}
-        model.eval()
-        try:
-            with torch.no_grad(), capture(model, self.layers) as cap:
-                for a in range(0, n, bs):
-                    cap.clear()
-                    _call(model, _slice_probe(self.probe, a, min(a + bs, n), device))
-                    for name in self.layers:
-                        if name in cap.outputs:
-                            chunks[name].append(cap.outputs[name])
-        finally:
-            for m, was in flags:
-                m.training = was
-        out = {}
-        for name, parts in chunks.items():
-            if not parts:
-                continue
-            t = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
-            out[name] = to_features(t, max_rows=self.max_rows, conv=self.conv, seed=self.seed)
+        outs = probe_forward(self.model, self.probe, self.layers, batch_size=self.probe_batch_size)
+        return {name: to_features(t, max_rows=self.max_rows, conv=self.conv, seed=self.seed) for name, t in outs.items()}
         return out
 
     def _grad_norm(self) -> float:

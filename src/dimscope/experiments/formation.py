@@ -30,8 +30,8 @@ import pandas as pd
 import torch
 
 from .._validation import check_choice, check_float, check_int
-from ..capture import capture, resolve_layers
-from ..tracker import Tracker, TrackerExtension, _call, _probe_len, _slice_probe
+from ..capture import resolve_layers
+from ..tracker import Tracker, TrackerExtension, _probe_len, probe_forward
 
 __all__ = ["FormationMap", "ridge_decodability", "first_decodable", "ART_FORMATION", "ART_FIRST"]
 
@@ -221,33 +221,9 @@ class FormationMap(TrackerExtension):
         return self._forward(tracker)
 
     def _forward(self, tracker: Tracker) -> dict[str, torch.Tensor]:
-        model = tracker.model
-        flags = [(m, m.training) for m in model.modules()]
-        try:
-            device = next(model.parameters()).device
-        except StopIteration:
-            device = None
         n = len(self.y_)
-        bs = tracker.probe_batch_size or n
-        parts: dict[str, list[torch.Tensor]] = {l: [] for l in self.layers_}
-        model.eval()
-        try:
-            with torch.no_grad(), capture(model, self.layers_) as cap:
-                for a in range(0, n, bs):
-                    cap.clear()
-                    _call(model, _slice_probe(tracker.probe, a, min(a + bs, n), device))
-                    for l in self.layers_:
-                        if l in cap.outputs:
-                            parts[l].append(cap.outputs[l])
-        finally:
-            for m, was in flags:
-                m.training = was
-        out = {}
-        for l, ps in parts.items():
-            if ps:
-                t = torch.cat(ps, 0) if len(ps) > 1 else ps[0]
-                out[l] = _pool(t, self.pool, n).detach().to("cpu", torch.float64)
-        return out
+        outs = probe_forward(tracker.model, tracker.probe, self.layers_, batch_size=tracker.probe_batch_size)
+        return {l: _pool(t, self.pool, n).detach().to("cpu", torch.float64) for l, t in outs.items()}
 
     def on_features(self, tracker: Tracker, step: int, features: dict[str, torch.Tensor]):  # type: ignore[no-untyped-def]
         if step % self.every_:
