@@ -26,17 +26,18 @@ from __future__ import annotations
 import gc
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 from torch import nn
 
 from ._validation import check_choice
 
-__all__ = ["Checkpoint", "CheckpointError", "CheckpointSeries", "HF_WEIGHT_FILES"]
+__all__ = ["Checkpoint", "CheckpointError", "CheckpointSeries", "HF_WEIGHT_FILES", "analyze_checkpoints", "CHECKPOINT_CONVENTION"]
 
 _FOLDER_RE = re.compile(r"^(?:step|checkpoint)[_-]?(\d+)$")
 _FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
@@ -338,3 +339,152 @@ class CheckpointSeries:
             yield ckpt.step, model
             del model
             gc.collect()
+
+
+# --- analysing a series -----------------------------------------------------------------------------
+
+#: The convention name under which checkpoint geometry is stored (a fixed probe set, centered).
+CHECKPOINT_CONVENTION = "probe/centered"
+
+
+def analyze_checkpoints(
+    series: CheckpointSeries,
+    features: Callable[[nn.Module], tuple[Mapping[str, Any], Any]] | None = None,
+    *,
+    probe_inputs: Any = None,
+    layers: Any = None,
+    max_rows: int | None = 4096,
+    targets: Any = None,
+    split: Any = None,
+    probe_kind: str = "ridge",
+    probe_alpha: float = 1e-3,
+    behaviour: Callable[[nn.Module, Any], Mapping[str, float] | float] | None = None,
+    store: Any = None,
+    metrics: Any = None,
+    store_spectra: bool = True,
+    on_error: str = "skip",
+    progress: Callable[[int, int], None] | None = None,
+) -> pd.DataFrame:
+    """Measure every checkpoint of ``series`` on a fixed probe set; one model in memory at a time.
+
+    For each checkpoint (in step order):
+
+    * **geometry** — per layer, the centered spectrum of the layer's feature matrix and every
+      dimscope metric of it (``metrics``: names or name → params, default all), stored with
+      ``space="activation"``, ``convention="probe/centered"``;
+    * **probes** — if ``targets`` is given: a :class:`dimscope.probes.LinearProbe` per layer fitted on
+      ``split.train`` rows and scored on ``split.test`` rows (the same split at every checkpoint),
+      stored as metric ``"probe_acc"`` (held-out) and ``"probe_train_acc"`` of that layer;
+    * **behaviour** — ``behaviour(model, outputs)`` → a float (stored as ``"behaviour"``) or a dict of
+      named floats, stored as training scalars (layer ``""``).
+
+    Features come either from ``features(model) -> ({layer: (n, d) tensor}, outputs)`` — the way to
+    choose a token position — or, by default, from one forward of ``probe_inputs`` with hooks on
+    ``layers`` (module paths), each output turned into rows by :func:`dimscope.capture.to_features`
+    ((B, T, D) → every token a row); then ``outputs`` is the model's output.
+
+    A checkpoint that cannot be read is reported (a warning, an ``"alert"`` event with the file named
+    in the message, the manifest's ``"checkpoint_errors"``) and skipped, and the rest of the series is
+    analysed (``on_error="skip"``, default); ``on_error="raise"`` stops at it.
+
+    Returns the long DataFrame of everything measured (step, layer, metric, value, space, convention).
+    """
+    import time as _time
+
+    import numpy as np
+
+    from .capture import capture, to_features
+    from .metrics import DEFINITIONS, _normalize_metric_spec, compute_metrics
+    from .probes import LinearProbe, ProbeSplit
+    from .spectrum import NonFiniteError, spectrum
+
+    check_choice(on_error, "on_error", ("raise", "skip"), owner="analyze_checkpoints")
+    if not isinstance(series, CheckpointSeries):
+        raise TypeError(f"The 'series' parameter of analyze_checkpoints must be a CheckpointSeries. Got {type(series).__name__}.")
+    if features is None and probe_inputs is None:
+        raise ValueError("analyze_checkpoints needs either 'features' (a function of the model) or 'probe_inputs' with 'layers'. Got neither.")
+    if features is None and layers is None:
+        raise ValueError("The 'layers' parameter of analyze_checkpoints is required with 'probe_inputs'. Got None.")
+    y = None
+    if targets is not None:
+        y = np.asarray(targets.detach().cpu().numpy() if isinstance(targets, torch.Tensor) else targets).reshape(-1)
+        if not isinstance(split, ProbeSplit):
+            raise TypeError(
+                "The 'split' parameter of analyze_checkpoints must be a ProbeSplit (dimscope.probes.probe_split) when "
+                f"'targets' is given. Got {type(split).__name__}."
+            )
+        if split.n != len(y):
+            raise ValueError(f"The 'split' covers {split.n} rows but 'targets' has {len(y)}.")
+    metric_spec = _normalize_metric_spec(metrics)
+    conv = CHECKPOINT_CONVENTION
+
+    def default_features(model: nn.Module) -> tuple[dict[str, torch.Tensor], Any]:
+        from .tracker import _call
+
+        with torch.no_grad(), capture(model, layers) as cap:
+            out = _call(model, probe_inputs)
+        return {n: to_features(t, max_rows=max_rows) for n, t in cap.outputs.items()}, out
+
+    feat_fn = features or default_features
+    if store is not None:
+        store.set_manifest(
+            {
+                "source": "checkpoints",
+                "checkpoint_dir": str(series.directory),
+                "checkpoint_layout": series.layout,
+                "checkpoint_steps": series.steps,
+                "default_convention": conv,
+                "conventions": ["centered"],
+                "modes": ["probe"],
+                "metrics": metric_spec,
+                "metric_definitions": {k: DEFINITIONS[k] for k in metric_spec},
+                "probe_split": None if y is None else {"key": split.key(), "n_train": len(split.train), "n_test": len(split.test), "seed": split.seed},
+                "probe_kind": probe_kind if y is not None else None,
+            }
+        )
+    all_rows: list[tuple[int, float, str, str, float, str, str]] = []
+    layer_names: list[str] = []
+    n_total = len(series)
+    done = 0
+    for step, model in series.iter_models(on_error=on_error):
+        now = _time.time()
+        feats, outputs = feat_fn(model)
+        rows: list[tuple[int, float, str, str, float, str, str]] = []
+        for name, X in feats.items():
+            if name not in layer_names:
+                layer_names.append(name)
+            X = X if isinstance(X, torch.Tensor) else torch.as_tensor(np.asarray(X))
+            try:
+                spec = spectrum(X, center=True)
+                vals = compute_metrics(spec, metric_spec)
+            except NonFiniteError:
+                spec, vals = None, {m: float("nan") for m in metric_spec}
+            rows += [(step, now, name, m, float(v), "activation", conv) for m, v in vals.items()]
+            if store is not None and spec is not None and store_spectra:
+                store.add_spectrum(step, now, name, spec, space="activation", convention=conv)
+            if y is not None:
+                if len(X) != len(y):
+                    raise ValueError(f"Layer {name!r} gives {len(X)} feature rows but 'targets' has {len(y)}; they must match.")
+                Xn = X.detach().cpu().numpy()
+                probe = LinearProbe(kind=probe_kind, alpha=probe_alpha).fit(Xn[split.train], y[split.train])
+                rows.append((step, now, name, "probe_acc", probe.score(Xn[split.test], y[split.test]), "activation", conv))
+                rows.append((step, now, name, "probe_train_acc", probe.score(Xn[split.train], y[split.train]), "activation", conv))
+        if behaviour is not None:
+            b = behaviour(model, outputs)
+            items = {"behaviour": b} if not isinstance(b, Mapping) else dict(b)
+            rows += [(step, now, "", str(k), float(v), "training", "") for k, v in items.items()]
+        if store is not None:
+            store.add_scalars(rows)
+            store.measurement_done()
+        all_rows += rows
+        del model, feats, outputs
+        done += 1
+        if progress is not None:
+            progress(step, n_total)
+    for err in series.errors:
+        if store is not None:
+            store.add_event(err.step, "alert", payload={"alert": "checkpoint_error", "message": str(err)})
+    if store is not None:
+        store.set_manifest({"layers": layer_names, "checkpoint_errors": [str(e) for e in series.errors]})
+        store.commit()
+    return pd.DataFrame(all_rows, columns=["step", "wall_time", "layer", "metric", "value", "space", "convention"])

@@ -10,13 +10,15 @@ Undefined (None) when the final gain is below ``min_gain`` · (1 − chance).
 
 **t_probe** — the same rule on a linear probe's held-out accuracy (chance = the probe's chance level).
 
-**t_geo** (geometry) — on the RankMe curve r(t): let t_min be the checkpoint of its minimum (the
-*collapse minimum*). For each later checkpoint i, σ_i is a robust noise scale from the trailing
-window of ``window`` first differences ending at i−1: σ_i = 1.4826 · MAD(Δr) / √2 (the MAD of
-differences is insensitive to a linear trend; /√2 turns the noise of a difference into the noise of
-a value), floored at ``rel_floor`` · r(t_min). t_geo is the first i > t_min where r(i) − r(t_min) > m · σ_i
-and the rise persists: r(j) − r(t_min) > m · σ_i for the ``k`` checkpoints j = i … i+k−1 and
-r(i+k−1) ≥ r(i) ("keeps rising"). Undefined when the minimum is at the last checkpoints.
+**t_geo** (geometry) — on the RankMe curve r(t): the *floor* is the minimum of r smoothed by a
+centered running median of ``smooth_width`` (5) checkpoints, at checkpoint t_min (so one noisy low
+value is not taken for the floor). For each later checkpoint i, σ_i is a robust noise scale from
+the trailing window of ``window`` first differences of r ending at i−1: σ_i = 1.4826 · MAD(Δr) / √2
+(the MAD of differences is insensitive to a linear trend; /√2 turns the noise of a difference into
+the noise of a value), floored at ``rel_floor`` · floor. t_geo is the first i > t_min where the raw
+r(i) − floor > m · σ_i and the rise persists: r(j) − floor > m · σ_i for the ``k`` checkpoints
+j = i … i+k−1 and r(i+k−1) ≥ r(i) ("keeps rising"). Undefined when no such checkpoint exists.
+The *collapse minimum* reported beside it is the raw minimum of r and its step.
 
 **Gap** — gap = t_beh − t_geo (and t_beh − t_probe), in optimizer steps and in checkpoint units
 (the difference of their indices in the series). The *checkpoint spacing* is the step distance from
@@ -51,6 +53,7 @@ __all__ = [
     "t_behaviour",
     "t_geometry",
     "collapse_minimum",
+    "smooth",
     "collapse_reach",
     "collapse_order",
     "seed_interval",
@@ -66,9 +69,10 @@ class PrecursorParams:
     fraction: float = 0.5
     min_gain: float = 0.05
     m: float = 3.0
-    window: int = 10
+    window: int = 20
     rel_floor: float = 0.01
     reach_level: float = 0.1
+    smooth_width: int = 5
     confidence: float = 0.95
 
     def validate(self) -> PrecursorParams:
@@ -80,6 +84,7 @@ class PrecursorParams:
         check_int(self.window, "window", min_value=2, owner=o)
         check_float(self.rel_floor, "rel_floor", low=0.0, owner=o)
         check_float(self.reach_level, "reach_level", low=0.0, high=1.0, owner=o)
+        check_int(self.smooth_width, "smooth_width", min_value=1, owner=o)
         check_float(self.confidence, "confidence", low=0.0, high=1.0, low_inclusive=False, high_inclusive=False, owner=o)
         return self
 
@@ -88,7 +93,8 @@ class PrecursorParams:
         return (
             f"t_beh / t_probe: first checkpoint where held-out (probe) accuracy >= chance + {self.fraction:g} x "
             f"(final - chance) and stays there for {self.k} consecutive evaluations (final = median of the last {self.k}). "
-            f"t_geo: first checkpoint after the RankMe minimum where RankMe exceeds the minimum by more than "
+            f"t_geo: the first checkpoint after the RankMe floor (minimum of a centered running median of "
+            f"{self.smooth_width} checkpoints) where RankMe exceeds the floor by more than "
             f"{self.m:g} robust sigma (1.4826 MAD of first differences / sqrt 2 over a trailing window of {self.window}, "
             f"floored at {self.rel_floor:g} x the minimum) for {self.k} consecutive checkpoints and is still rising. "
             f"gap = t_beh - t_geo; a precursor only when the gap exceeds the checkpoint spacing at t_beh "
@@ -148,15 +154,27 @@ def _robust_sigma(diffs: np.ndarray) -> float:
     return float(1.4826 * np.median(np.abs(diffs - med)) / math.sqrt(2.0))
 
 
-def t_geometry(rankme: pd.Series, *, m: float = 3.0, window: int = 10, k: int = 3, rel_floor: float = 0.01) -> int | None:
+def smooth(series: pd.Series, width: int = 5) -> pd.Series:
+    """Centered rolling median over ``width`` checkpoints (shorter at the ends). A median does not
+    move a monotone rise or a step, so the timings it gives are not shifted."""
+    s = _clean(series, "series")
+    if width <= 1:
+        return s
+    return s.rolling(width, center=True, min_periods=1).median()
+
+
+def t_geometry(
+    rankme: pd.Series, *, m: float = 3.0, window: int = 20, k: int = 3, rel_floor: float = 0.01, smooth_width: int = 5
+) -> int | None:
     """The step of the first sustained rise of RankMe above its minimum (see the module docstring)."""
-    s = _clean(rankme, "rankme")
-    r = s.to_numpy()
-    n = len(r)
+    raw = _clean(rankme, "rankme")
+    s = smooth(raw, smooth_width)
+    n = len(raw)
     if n < 2:
         return None
-    i_min = int(np.argmin(r))
-    r_min = float(r[i_min])
+    i_min = int(np.argmin(s.to_numpy()))  # the minimum of the smoothed curve: the floor, not one noisy value
+    r_min = float(s.iloc[i_min])
+    r = raw.to_numpy()  # crossings are tested on the raw values: no shift from the smoothing
     floor = rel_floor * abs(r_min)
     d = np.diff(r)
     for i in range(i_min + 1, n - k + 1):
@@ -341,7 +359,7 @@ def precursor_gap(
         per_layer_t: dict[str, dict[str, Any]] = {}
         for name, curve in geo.items():
             s_min, v_min = collapse_minimum(curve)
-            tg = t_geometry(curve, m=p.m, window=p.window, k=p.k, rel_floor=p.rel_floor)
+            tg = t_geometry(curve, m=p.m, window=p.window, k=p.k, rel_floor=p.rel_floor, smooth_width=p.smooth_width)
             reach[name] = collapse_reach(curve, p.reach_level)
             tp = None
             final_probe = float("nan")

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -306,3 +306,206 @@ def train_grokking(
         loss.backward()
         opt.step()
     return {"model": model, "data": data, "history": pd.DataFrame(history), "seconds": time.perf_counter() - t0}
+
+
+# --- analysing a checkpoint series of this recipe --------------------------------------------------
+
+CONFIG_FILE = "grok_config.json"
+
+#: The two variants of the reproduction: the grokking regime and the easy control.
+VARIANTS: dict[str, float] = {"grokking": DEFAULT_CONFIG.train_fraction, "easy": EASY_TRAIN_FRACTION}
+
+
+def save_config(cfg: GrokConfig, checkpoint_dir: str | Path) -> Path:
+    import json
+
+    path = Path(checkpoint_dir) / CONFIG_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(cfg.to_dict(), indent=1))
+    return path
+
+
+def load_config(checkpoint_dir: str | Path) -> GrokConfig:
+    """The :class:`GrokConfig` written beside a recipe's checkpoints (``grok_config.json``)."""
+    import json
+
+    path = Path(checkpoint_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: the command line analyses checkpoint folders written by the grokking recipe "
+            "(they hold grok_config.json). For another model use dimscope.checkpoints.analyze_checkpoints in Python."
+        )
+    d = json.loads(path.read_text())
+    d["betas"] = tuple(d.get("betas", (0.9, 0.98)))
+    return GrokConfig(**d).validate()
+
+
+def analyze_grokking_dir(
+    checkpoint_dir: str | Path,
+    store: Any = None,
+    *,
+    target: str = "sum",
+    layers: Sequence[str] | None = None,
+    probe_test_fraction: float = 0.3,
+    probe_seed: int = 0,
+    probe_kind: str = "ridge",
+    probe_alpha: float = 1e-3,
+    on_error: str = "skip",
+) -> tuple[pd.DataFrame, list[str]]:
+    """Analyse a recipe checkpoint folder through :class:`dimscope.checkpoints.CheckpointSeries`.
+
+    Probe set: all p² pairs. Geometry and probes: the residual stream at the answer position of
+    ``layers`` (default :meth:`GrokTransformer.residual_layers`). Probe split: ``probe_test_fraction``
+    of the p² pairs held out, seeded by ``probe_seed`` — independent of the model's train/test split
+    and identical at every checkpoint. Behaviour: ``test_acc`` (held-out pairs), ``train_acc``,
+    ``test_loss``. Returns (long DataFrame of values, messages of skipped checkpoints).
+    """
+    from ..checkpoints import CheckpointSeries, analyze_checkpoints
+    from ..probes import probe_split
+
+    cfg = load_config(checkpoint_dir)
+    data = modular_addition_data(cfg.p, cfg.train_fraction, cfg.seed if cfg.data_seed is None else cfg.data_seed)
+    layers = list(layers) if layers is not None else GrokTransformer.residual_layers(cfg.n_layers)
+    tokens, labels = data["tokens"], data["labels"]
+    tr, te = data["train_idx"], data["test_idx"]
+    y = probe_target(data["a"], data["b"], cfg.p, target)
+    split = probe_split(len(y), probe_test_fraction, probe_seed)
+    series = CheckpointSeries(checkpoint_dir, model_factory=lambda: build_model(cfg))
+
+    def feats(model: nn.Module) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        return answer_position_features(model, tokens, layers)
+
+    def behaviour(model: nn.Module, logits: torch.Tensor) -> dict[str, float]:
+        pred = logits.argmax(-1)
+        return {
+            "test_acc": float((pred[te] == labels[te]).float().mean()),
+            "train_acc": float((pred[tr] == labels[tr]).float().mean()),
+            "test_loss": float(nn.functional.cross_entropy(logits[te], labels[te])),
+        }
+
+    if store is not None:
+        store.set_manifest({"config": {"recipe": "grokking", **cfg.to_dict(), "probe_target": target,
+                                       "probe_test_fraction": probe_test_fraction, "probe_seed": probe_seed,
+                                       "position": "answer (last token)"}})
+    df = analyze_checkpoints(
+        series, feats, targets=y, split=split, probe_kind=probe_kind, probe_alpha=probe_alpha,
+        behaviour=behaviour, store=store, on_error=on_error,
+    )
+    return df, [str(e) for e in series.errors]
+
+
+def curves(df: pd.DataFrame, metric: str = "rankme") -> tuple[pd.Series, dict[str, pd.Series], dict[str, pd.Series]]:
+    """(held-out accuracy, {layer: ``metric``}, {layer: probe accuracy}) from :func:`analyze_grokking_dir`'s frame."""
+    act = df[df["space"] == "activation"]
+    layers = list(dict.fromkeys(act["layer"]))
+
+    def one(metric_name: str, layer: str) -> pd.Series:
+        s = act[(act["metric"] == metric_name) & (act["layer"] == layer)].set_index("step")["value"]
+        return s.sort_index()
+
+    beh = df[(df["space"] == "training") & (df["metric"] == "test_acc")].set_index("step")["value"].sort_index()
+    geo = {lay: one(metric, lay) for lay in layers}
+    prb = {lay: one("probe_acc", lay) for lay in layers if (act["metric"] == "probe_acc").any()}
+    return beh, geo, prb
+
+
+# --- the reproduction ------------------------------------------------------------------------------
+
+#: Defaults of the full reproduction and of ``--quick`` (tests).
+FULL = {"p": 53, "steps": {"grokking": 3000, "easy": 1000}, "checkpoint_every": 25, "seeds": (0, 1, 2)}
+QUICK = {"p": 23, "steps": {"grokking": 400, "easy": 200}, "checkpoint_every": 20, "seeds": (0,), "d_mlp": 128}
+
+
+def run_precursor(
+    run: str | Path,
+    *,
+    quick: bool = False,
+    seeds: Sequence[int] | None = None,
+    variants: Sequence[str] = ("grokking", "easy"),
+    steps: Mapping[str, int] | None = None,
+    checkpoint_every: int | None = None,
+    target: str = "sum",
+    fmt: str = "safetensors",
+    keep_checkpoints: bool = True,
+    progress: Callable[[str], None] | None = None,
+    **gap_params: Any,
+) -> dict[str, Any]:
+    """Train every variant × seed, write checkpoints, analyse them and compute the precursor gap.
+
+    Layout under ``run``: ``checkpoints/<variant>/seed<k>/step_<N>.safetensors`` (+ ``grok_config.json``),
+    ``seeds/<variant>_seed<k>/`` (one run store per series: every metric, spectra, probe and
+    behaviour scalars), and the run store of ``run`` itself with the artifacts
+    ``precursor/per_seed``, ``precursor/per_layer``, ``precursor/curves`` (DataFrames) and
+    ``precursor/summary`` (JSON: per variant the intervals, verdicts and the criterion).
+
+    Returns ``{"per_seed", "per_layer", "summary", "curves", "seconds"}``.
+    """
+    import shutil
+
+    from ..analysis.precursor import precursor_gap
+    from ..store import RunStore
+
+    base = QUICK if quick else FULL
+    seeds = tuple(base["seeds"] if seeds is None else seeds)
+    for v in variants:
+        check_choice(v, "variants", tuple(VARIANTS), owner="run_precursor")
+    steps_map = {**base["steps"], **dict(steps or {})}
+    every = check_int(checkpoint_every if checkpoint_every is not None else base["checkpoint_every"], "checkpoint_every", min_value=1, owner="run_precursor")
+    run = Path(run)
+    say = progress or (lambda msg: None)
+    t0 = time.perf_counter()
+    per_seed, per_layer, curve_frames, summaries = [], [], [], {}
+    p = base["p"]
+    for variant in variants:
+        behs, geos, prbs = {}, {}, {}
+        for seed in seeds:
+            cfg = GrokConfig(p=p, train_fraction=VARIANTS[variant], seed=seed, steps=steps_map[variant],
+                             checkpoint_every=every, d_mlp=base.get("d_mlp", DEFAULT_CONFIG.d_mlp))
+            ckdir = run / "checkpoints" / variant / f"seed{seed}"
+            if ckdir.exists():
+                shutil.rmtree(ckdir)
+            save_config(cfg, ckdir)
+            t1 = time.perf_counter()
+            out = train_grokking(cfg, ckdir, fmt=fmt)
+            t2 = time.perf_counter()
+            with RunStore(run / "seeds" / f"{variant}_seed{seed}", overwrite=True) as store:
+                df, errors = analyze_grokking_dir(ckdir, store, target=target)
+            t3 = time.perf_counter()
+            hist = out["history"]
+            say(f"{variant} seed {seed}: trained {cfg.steps} steps in {t2 - t1:.1f} s, analysed {df['step'].nunique()} "
+                f"checkpoints in {t3 - t2:.1f} s; final train acc {hist['train_acc'].iloc[-1]:.3f}, test acc {hist['test_acc'].iloc[-1]:.3f}")
+            for e in errors:
+                say(f"  skipped: {e}")
+            b, g, pr = curves(df)
+            behs[seed], geos[seed], prbs[seed] = b, g, pr
+            frame = df[df["metric"].isin(["rankme", "probe_acc", "test_acc", "train_acc"])][["step", "layer", "metric", "value"]].copy()
+            frame.insert(0, "seed", seed)
+            frame.insert(0, "variant", variant)
+            curve_frames.append(frame)
+            if not keep_checkpoints:
+                shutil.rmtree(ckdir)
+        n_classes = p if target == "sum" else 2
+        res = precursor_gap(behs, geos, prbs, chance=1.0 / p, probe_chance=1.0 / n_classes, **gap_params)
+        ps = res.per_seed.copy()
+        ps.insert(0, "variant", variant)
+        pl = res.per_layer.copy()
+        pl.insert(0, "variant", variant)
+        per_seed.append(ps)
+        per_layer.append(pl)
+        summaries[variant] = {**res.summary, "train_fraction": VARIANTS[variant], "steps": steps_map[variant],
+                              "checkpoint_every": every, "p": p, "target": target}
+    per_seed_df = pd.concat(per_seed, ignore_index=True)
+    per_layer_df = pd.concat(per_layer, ignore_index=True)
+    curves_df = pd.concat(curve_frames, ignore_index=True)
+    seconds = time.perf_counter() - t0
+    summary = {"variants": summaries, "quick": quick, "seeds": list(seeds), "seconds": seconds,
+               "criterion": next(iter(summaries.values()))["criterion"] if summaries else ""}
+    with RunStore(run) as store:
+        store.set_manifest({"config": {"recipe": "precursor", "quick": quick, "seeds": list(seeds), "variants": list(variants),
+                                       "p": p, "target": target, "checkpoint_every": every, "steps": steps_map}})
+        store.put_artifact("precursor/per_seed", per_seed_df)
+        store.put_artifact("precursor/per_layer", per_layer_df)
+        store.put_artifact("precursor/curves", curves_df)
+        store.put_artifact("precursor/summary", summary)
+        store.commit()
+    return {"per_seed": per_seed_df, "per_layer": per_layer_df, "summary": summary, "curves": curves_df, "seconds": seconds}
