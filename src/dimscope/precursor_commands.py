@@ -79,11 +79,15 @@ def register(app: typer.Typer) -> None:
             None, help="Analyse this folder of recipe checkpoints (holding grok_config.json, or sub-folders that do) instead of training."
         ),
         keep_checkpoints: bool = typer.Option(True, help="Keep the checkpoint files under RUN/checkpoints."),
+        jobs: int = typer.Option(1, help="Train the series in this many processes (one thread each)."),
         report: bool = typer.Option(False, help="Write the HTML report at the end (needs the report module)."),
     ) -> None:
         """Geometry before behaviour: RankMe collapse, probes and held-out accuracy over checkpoints; the precursor gap."""
-        from .cli import _table, console
+        from rich.console import Console
 
+        from .cli import _table
+
+        console = Console(width=180)
         t0 = time.perf_counter()
         if checkpoints is not None:
             out = _analyse_folder(checkpoints, run, target)
@@ -98,7 +102,7 @@ def register(app: typer.Typer) -> None:
                 steps_map["easy"] = easy_steps
             out = run_precursor(
                 run, quick=quick, seeds=seed_list, variants=[v.strip() for v in variants.split(",") if v.strip()],
-                steps=steps_map, checkpoint_every=every, target=target, keep_checkpoints=keep_checkpoints,
+                steps=steps_map, checkpoint_every=every, target=target, keep_checkpoints=keep_checkpoints, jobs=jobs,
                 progress=lambda msg: console.print(msg),
             )
         console.print(_table(precursor_table(out["per_seed"]), "precursor gap per seed (steps; checkpoints in brackets)"))
@@ -117,7 +121,7 @@ def register(app: typer.Typer) -> None:
 def _analyse_folder(folder: Path, run: Path, target: str) -> dict[str, Any]:
     """Analyse one recipe series (folder with grok_config.json) or every such sub-folder (one per seed)."""
     from .analysis.precursor import precursor_gap
-    from .recipes.grokking import CONFIG_FILE, analyze_grokking_dir, curves, load_config
+    from .recipes.grokking import CONFIG_FILE, CURVE_METRICS, analyze_grokking_dir, curves, load_config
     from .store import RunStore
 
     folder = Path(folder)
@@ -140,7 +144,7 @@ def _analyse_folder(folder: Path, run: Path, target: str) -> dict[str, Any]:
         for e in errors:
             print(f"skipped: {e}")
         behs[d.name], geos[d.name], prbs[d.name] = curves(df)
-        f = df[df["metric"].isin(["rankme", "probe_acc", "test_acc", "train_acc"])][["step", "layer", "metric", "value"]].copy()
+        f = df[df["metric"].isin(CURVE_METRICS)][["step", "layer", "metric", "value"]].copy()
         f.insert(0, "seed", d.name)
         f.insert(0, "variant", folder.name)
         frames.append(f)

@@ -30,15 +30,25 @@ __all__ = ["ProbeSplit", "probe_split", "LinearProbe", "probe_layers"]
 
 @dataclass(frozen=True)
 class ProbeSplit:
-    """Row indices of the probe set used to train and to test the probes (sorted, disjoint)."""
+    """Row indices of the probe set used to train and to test the probes (sorted, disjoint), out of
+    ``n`` rows (rows in neither are unused, e.g. after restricting the test rows to a subset)."""
 
     train: np.ndarray
     test: np.ndarray
     seed: int
+    n: int
 
-    @property
-    def n(self) -> int:
-        return len(self.train) + len(self.test)
+    def __post_init__(self) -> None:
+        if len(np.intersect1d(self.train, self.test)):
+            raise ValueError("A ProbeSplit's train and test rows must be disjoint.")
+        top = max(int(np.max(self.train, initial=-1)), int(np.max(self.test, initial=-1)))
+        if top >= self.n:
+            raise ValueError(f"A ProbeSplit over n={self.n} rows holds row index {top}.")
+
+    def restrict_test(self, keep: Any) -> ProbeSplit:
+        """The same split with only the test rows where the boolean mask ``keep`` (length n) is True."""
+        keep = np.asarray(keep, dtype=bool)
+        return ProbeSplit(self.train, self.test[keep[self.test]], self.seed, self.n)
 
     def key(self) -> str:
         """A short hash of the split (stored beside probe results to show it never changed)."""
@@ -62,7 +72,7 @@ def probe_split(n: int, test_fraction: float = 0.3, seed: int = 0, stratify: Any
     from sklearn.model_selection import train_test_split
 
     tr, te = train_test_split(np.arange(n), test_size=test_fraction, random_state=seed, stratify=stratify)
-    return ProbeSplit(np.sort(tr), np.sort(te), seed)
+    return ProbeSplit(np.sort(tr), np.sort(te), seed, n)
 
 
 def _as_np(X: Any) -> np.ndarray:

@@ -27,8 +27,14 @@ Per-checkpoint analysis (the default, documented in the README):
 * **probes**: a linear probe per layer for a target of (a, b) — ``"sum"`` = (a + b) mod p (default)
   or ``"parity"`` = ((a + b) mod p) mod 2 — trained on a fixed seeded split of the probe set that is
   identical at every checkpoint (:mod:`dimscope.probes`).
-* **behaviour**: held-out accuracy (pairs not in the model's training split); training accuracy and
-  loss are stored too.
+* **behaviour**: accuracy on the *unseen* pairs — held-out pairs whose mirror (b, a) is held out too.
+  With a train fraction of 0.5 the model answers about half of all held-out pairs early, by
+  commutativity (it has seen (b, a)); that plateau (~0.46) is not the grokking transition, and it
+  sits close to the half-gain level of t_beh, so the behaviour curve leaves those pairs out. The
+  accuracy on all held-out pairs (``test_acc``), the training accuracy and the held-out loss are
+  stored too. The probes are trained on every pair the model has seen (in some order) and scored on
+  the unseen pairs, so a probe answers for inputs the model never saw, as the behaviour does
+  (``probe_rows="random"``: a seeded 70/30 split of all pairs instead).
 """
 
 from __future__ import annotations
@@ -176,7 +182,9 @@ def build_model(cfg: GrokConfig) -> GrokTransformer:
 def modular_addition_data(p: int, train_fraction: float, seed: int) -> dict[str, torch.Tensor]:
     """All p² pairs as ``tokens`` (p², 3) = (a, b, p), ``labels`` = (a+b) mod p, and a seeded split.
 
-    Returns ``{"tokens", "labels", "a", "b", "train_idx", "test_idx"}`` (index tensors into the p² rows).
+    Returns ``{"tokens", "labels", "a", "b", "train_idx", "test_idx", "unseen_idx"}`` (index tensors into
+    the p² rows). ``unseen_idx``: the held-out pairs whose mirror (b, a) is held out too — pairs the model
+    has seen in neither order, which it cannot answer by commutativity alone.
     """
     a, b = torch.meshgrid(torch.arange(p), torch.arange(p), indexing="ij")
     a, b = a.reshape(-1), b.reshape(-1)
@@ -185,13 +193,19 @@ def modular_addition_data(p: int, train_fraction: float, seed: int) -> dict[str,
     g = torch.Generator().manual_seed(int(seed))
     perm = torch.randperm(p * p, generator=g)
     n_train = int(round(train_fraction * p * p))
+    train_idx = perm[:n_train].sort().values
+    in_train = torch.zeros(p * p, dtype=torch.bool)
+    in_train[train_idx] = True
+    mirror = b * p + a  # the row of (b, a)
+    unseen = (~in_train) & (~in_train[mirror])
     return {
         "tokens": tokens,
         "labels": labels,
         "a": a,
         "b": b,
-        "train_idx": perm[:n_train].sort().values,
+        "train_idx": train_idx,
         "test_idx": perm[n_train:].sort().values,
+        "unseen_idx": torch.nonzero(unseen).reshape(-1),
     }
 
 
@@ -311,6 +325,8 @@ def train_grokking(
 # --- analysing a checkpoint series of this recipe --------------------------------------------------
 
 CONFIG_FILE = "grok_config.json"
+#: What the precursor artifacts keep of each series (for the report's figure).
+CURVE_METRICS = ["rankme", "probe_acc", "unseen_acc", "test_acc", "train_acc"]
 
 #: The two variants of the reproduction: the grokking regime and the easy control.
 VARIANTS: dict[str, float] = {"grokking": DEFAULT_CONFIG.train_fraction, "easy": EASY_TRAIN_FRACTION}
@@ -346,6 +362,7 @@ def analyze_grokking_dir(
     *,
     target: str = "sum",
     layers: Sequence[str] | None = None,
+    probe_rows: str = "unseen",
     probe_test_fraction: float = 0.3,
     probe_seed: int = 0,
     probe_kind: str = "ridge",
@@ -355,13 +372,14 @@ def analyze_grokking_dir(
     """Analyse a recipe checkpoint folder through :class:`dimscope.checkpoints.CheckpointSeries`.
 
     Probe set: all p² pairs. Geometry and probes: the residual stream at the answer position of
-    ``layers`` (default :meth:`GrokTransformer.residual_layers`). Probe split: ``probe_test_fraction``
-    of the p² pairs held out, seeded by ``probe_seed`` — independent of the model's train/test split
-    and identical at every checkpoint. Behaviour: ``test_acc`` (held-out pairs), ``train_acc``,
+    ``layers`` (default :meth:`GrokTransformer.residual_layers`). Probe split, identical at every
+    checkpoint: ``probe_rows="unseen"`` (default) trains each probe on every pair the model has seen
+    in some order and scores it on the unseen pairs (the behaviour's pairs); ``"random"`` holds out a
+    seeded ``probe_test_fraction`` of all p² pairs (``probe_seed``). Behaviour: ``test_acc`` (held-out pairs), ``train_acc``,
     ``test_loss``. Returns (long DataFrame of values, messages of skipped checkpoints).
     """
     from ..checkpoints import CheckpointSeries, analyze_checkpoints
-    from ..probes import probe_split
+    from ..probes import ProbeSplit, probe_split
 
     cfg = load_config(checkpoint_dir)
     data = modular_addition_data(cfg.p, cfg.train_fraction, cfg.seed if cfg.data_seed is None else cfg.data_seed)
@@ -369,7 +387,15 @@ def analyze_grokking_dir(
     tokens, labels = data["tokens"], data["labels"]
     tr, te = data["train_idx"], data["test_idx"]
     y = probe_target(data["a"], data["b"], cfg.p, target)
-    split = probe_split(len(y), probe_test_fraction, probe_seed)
+    check_choice(probe_rows, "probe_rows", ("unseen", "random"), owner="analyze_grokking_dir")
+    un = data["unseen_idx"]
+    if probe_rows == "unseen" and len(un):
+        # probes trained on every pair the model has seen (in some order), scored on the pairs it never saw
+        unseen = np.zeros(len(y), dtype=bool)
+        unseen[un.numpy()] = True
+        split = ProbeSplit(np.nonzero(~unseen)[0], np.nonzero(unseen)[0], probe_seed, len(y))
+    else:
+        split = probe_split(len(y), probe_test_fraction, probe_seed)
     series = CheckpointSeries(checkpoint_dir, model_factory=lambda: build_model(cfg))
 
     def feats(model: nn.Module) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -379,13 +405,14 @@ def analyze_grokking_dir(
         pred = logits.argmax(-1)
         return {
             "test_acc": float((pred[te] == labels[te]).float().mean()),
+            "unseen_acc": float((pred[un] == labels[un]).float().mean()) if len(un) else float("nan"),
             "train_acc": float((pred[tr] == labels[tr]).float().mean()),
             "test_loss": float(nn.functional.cross_entropy(logits[te], labels[te])),
         }
 
     if store is not None:
         store.set_manifest({"config": {"recipe": "grokking", **cfg.to_dict(), "probe_target": target,
-                                       "probe_test_fraction": probe_test_fraction, "probe_seed": probe_seed,
+                                       "probe_rows": probe_rows, "probe_test_fraction": probe_test_fraction, "probe_seed": probe_seed,
                                        "position": "answer (last token)"}})
     df = analyze_checkpoints(
         series, feats, targets=y, split=split, probe_kind=probe_kind, probe_alpha=probe_alpha,
@@ -394,8 +421,10 @@ def analyze_grokking_dir(
     return df, [str(e) for e in series.errors]
 
 
-def curves(df: pd.DataFrame, metric: str = "rankme") -> tuple[pd.Series, dict[str, pd.Series], dict[str, pd.Series]]:
-    """(held-out accuracy, {layer: ``metric``}, {layer: probe accuracy}) from :func:`analyze_grokking_dir`'s frame."""
+def curves(
+    df: pd.DataFrame, metric: str = "rankme", behaviour: str = "unseen_acc"
+) -> tuple[pd.Series, dict[str, pd.Series], dict[str, pd.Series]]:
+    """(``behaviour`` curve, {layer: ``metric``}, {layer: probe accuracy}) from :func:`analyze_grokking_dir`'s frame."""
     act = df[df["space"] == "activation"]
     layers = list(dict.fromkeys(act["layer"]))
 
@@ -403,7 +432,7 @@ def curves(df: pd.DataFrame, metric: str = "rankme") -> tuple[pd.Series, dict[st
         s = act[(act["metric"] == metric_name) & (act["layer"] == layer)].set_index("step")["value"]
         return s.sort_index()
 
-    beh = df[(df["space"] == "training") & (df["metric"] == "test_acc")].set_index("step")["value"].sort_index()
+    beh = df[(df["space"] == "training") & (df["metric"] == behaviour)].set_index("step")["value"].sort_index()
     geo = {lay: one(metric, lay) for lay in layers}
     prb = {lay: one("probe_acc", lay) for lay in layers if (act["metric"] == "probe_acc").any()}
     return beh, geo, prb
@@ -414,6 +443,34 @@ def curves(df: pd.DataFrame, metric: str = "rankme") -> tuple[pd.Series, dict[st
 #: Defaults of the full reproduction and of ``--quick`` (tests).
 FULL = {"p": 53, "steps": {"grokking": 3000, "easy": 1000}, "checkpoint_every": 25, "seeds": (0, 1, 2)}
 QUICK = {"p": 23, "steps": {"grokking": 400, "easy": 200}, "checkpoint_every": 20, "seeds": (0,), "d_mlp": 128}
+
+
+def _one_series(run: str, variant: str, cfg_dict: dict[str, Any], target: str, fmt: str, keep_checkpoints: bool, threads: int | None) -> dict[str, Any]:
+    """Train one (variant, seed), write its checkpoints, analyse them into ``run/seeds/<variant>_seed<k>``."""
+    import shutil
+
+    from ..store import RunStore
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    cfg = GrokConfig(**{**cfg_dict, "betas": tuple(cfg_dict["betas"])})
+    ckdir = Path(run) / "checkpoints" / variant / f"seed{cfg.seed}"
+    if ckdir.exists():
+        shutil.rmtree(ckdir)
+    save_config(cfg, ckdir)
+    c0, t1 = time.process_time(), time.perf_counter()
+    out = train_grokking(cfg, ckdir, fmt=fmt)
+    c1, t2 = time.process_time(), time.perf_counter()
+    with RunStore(Path(run) / "seeds" / f"{variant}_seed{cfg.seed}", overwrite=True) as store:
+        df, errors = analyze_grokking_dir(ckdir, store, target=target)
+    c2, t3 = time.process_time(), time.perf_counter()
+    if not keep_checkpoints:
+        shutil.rmtree(ckdir)
+    hist = out["history"]
+    return {
+        "df": df, "errors": errors, "train_s": t2 - t1, "analyse_s": t3 - t2, "train_cpu_s": c1 - c0, "analyse_cpu_s": c2 - c1,
+        "final_train_acc": float(hist["train_acc"].iloc[-1]), "final_test_acc": float(hist["test_acc"].iloc[-1]),
+    }
 
 
 def run_precursor(
@@ -427,6 +484,7 @@ def run_precursor(
     target: str = "sum",
     fmt: str = "safetensors",
     keep_checkpoints: bool = True,
+    jobs: int = 1,
     progress: Callable[[str], None] | None = None,
     **gap_params: Any,
 ) -> dict[str, Any]:
@@ -437,11 +495,10 @@ def run_precursor(
     behaviour scalars), and the run store of ``run`` itself with the artifacts
     ``precursor/per_seed``, ``precursor/per_layer``, ``precursor/curves`` (DataFrames) and
     ``precursor/summary`` (JSON: per variant the intervals, verdicts and the criterion).
+    ``jobs`` > 1 trains the series in that many processes (one thread each).
 
-    Returns ``{"per_seed", "per_layer", "summary", "curves", "seconds"}``.
+    Returns ``{"per_seed", "per_layer", "summary", "curves", "seconds", "timings"}``.
     """
-    import shutil
-
     from ..analysis.precursor import precursor_gap
     from ..store import RunStore
 
@@ -449,41 +506,53 @@ def run_precursor(
     seeds = tuple(base["seeds"] if seeds is None else seeds)
     for v in variants:
         check_choice(v, "variants", tuple(VARIANTS), owner="run_precursor")
+    check_choice(target, "target", PROBE_TARGETS, owner="run_precursor")
+    jobs = check_int(jobs, "jobs", min_value=1, owner="run_precursor")
     steps_map = {**base["steps"], **dict(steps or {})}
     every = check_int(checkpoint_every if checkpoint_every is not None else base["checkpoint_every"], "checkpoint_every", min_value=1, owner="run_precursor")
     run = Path(run)
     say = progress or (lambda msg: None)
     t0 = time.perf_counter()
-    per_seed, per_layer, curve_frames, summaries = [], [], [], {}
     p = base["p"]
+    tasks = []
+    for variant in variants:
+        for seed in seeds:
+            cfg = GrokConfig(p=p, train_fraction=VARIANTS[variant], seed=seed, steps=steps_map[variant],
+                             checkpoint_every=every, d_mlp=base.get("d_mlp", DEFAULT_CONFIG.d_mlp)).validate()
+            tasks.append((variant, seed, cfg.to_dict()))
+    results: dict[tuple[str, int], dict[str, Any]] = {}
+
+    def report(variant: str, seed: int, r: dict[str, Any]) -> None:
+        say(f"{variant} seed {seed}: trained {steps_map[variant]} steps in {r['train_s']:.1f} s ({r['train_cpu_s']:.1f} s CPU), "
+            f"analysed {r['df']['step'].nunique()} checkpoints in {r['analyse_s']:.1f} s ({r['analyse_cpu_s']:.1f} s CPU); "
+            f"final train acc {r['final_train_acc']:.3f}, held-out acc {r['final_test_acc']:.3f}")
+        for e in r["errors"]:
+            say(f"  skipped: {e}")
+
+    if jobs == 1:
+        for variant, seed, cd in tasks:
+            results[(variant, seed)] = r = _one_series(str(run), variant, cd, target, fmt, keep_checkpoints, None)
+            report(variant, seed, r)
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as ex:
+            futs = {ex.submit(_one_series, str(run), v, cd, target, fmt, keep_checkpoints, 1): (v, s) for v, s, cd in tasks}
+            for f, key in futs.items():
+                results[key] = f.result()
+                report(*key, results[key])
+
+    per_seed, per_layer, curve_frames, summaries = [], [], [], {}
     for variant in variants:
         behs, geos, prbs = {}, {}, {}
         for seed in seeds:
-            cfg = GrokConfig(p=p, train_fraction=VARIANTS[variant], seed=seed, steps=steps_map[variant],
-                             checkpoint_every=every, d_mlp=base.get("d_mlp", DEFAULT_CONFIG.d_mlp))
-            ckdir = run / "checkpoints" / variant / f"seed{seed}"
-            if ckdir.exists():
-                shutil.rmtree(ckdir)
-            save_config(cfg, ckdir)
-            t1 = time.perf_counter()
-            out = train_grokking(cfg, ckdir, fmt=fmt)
-            t2 = time.perf_counter()
-            with RunStore(run / "seeds" / f"{variant}_seed{seed}", overwrite=True) as store:
-                df, errors = analyze_grokking_dir(ckdir, store, target=target)
-            t3 = time.perf_counter()
-            hist = out["history"]
-            say(f"{variant} seed {seed}: trained {cfg.steps} steps in {t2 - t1:.1f} s, analysed {df['step'].nunique()} "
-                f"checkpoints in {t3 - t2:.1f} s; final train acc {hist['train_acc'].iloc[-1]:.3f}, test acc {hist['test_acc'].iloc[-1]:.3f}")
-            for e in errors:
-                say(f"  skipped: {e}")
-            b, g, pr = curves(df)
-            behs[seed], geos[seed], prbs[seed] = b, g, pr
-            frame = df[df["metric"].isin(["rankme", "probe_acc", "test_acc", "train_acc"])][["step", "layer", "metric", "value"]].copy()
+            df = results[(variant, seed)]["df"]
+            behs[seed], geos[seed], prbs[seed] = curves(df)
+            frame = df[df["metric"].isin(CURVE_METRICS)][["step", "layer", "metric", "value"]].copy()
             frame.insert(0, "seed", seed)
             frame.insert(0, "variant", variant)
             curve_frames.append(frame)
-            if not keep_checkpoints:
-                shutil.rmtree(ckdir)
         n_classes = p if target == "sum" else 2
         res = precursor_gap(behs, geos, prbs, chance=1.0 / p, probe_chance=1.0 / n_classes, **gap_params)
         ps = res.per_seed.copy()
@@ -498,7 +567,10 @@ def run_precursor(
     per_layer_df = pd.concat(per_layer, ignore_index=True)
     curves_df = pd.concat(curve_frames, ignore_index=True)
     seconds = time.perf_counter() - t0
-    summary = {"variants": summaries, "quick": quick, "seeds": list(seeds), "seconds": seconds,
+    timings = {f"{v}_seed{s}": {k: r[k] for k in ("train_s", "analyse_s", "train_cpu_s", "analyse_cpu_s")} for (v, s), r in results.items()}
+    cpu_total = sum(t["train_cpu_s"] + t["analyse_cpu_s"] for t in timings.values())
+    summary = {"variants": summaries, "quick": quick, "seeds": list(seeds), "seconds": seconds, "cpu_seconds": cpu_total,
+               "timings": timings, "behaviour": "accuracy on unseen pairs (held out in both orders)",
                "criterion": next(iter(summaries.values()))["criterion"] if summaries else ""}
     with RunStore(run) as store:
         store.set_manifest({"config": {"recipe": "precursor", "quick": quick, "seeds": list(seeds), "variants": list(variants),
@@ -508,4 +580,4 @@ def run_precursor(
         store.put_artifact("precursor/curves", curves_df)
         store.put_artifact("precursor/summary", summary)
         store.commit()
-    return {"per_seed": per_seed_df, "per_layer": per_layer_df, "summary": summary, "curves": curves_df, "seconds": seconds}
+    return {"per_seed": per_seed_df, "per_layer": per_layer_df, "summary": summary, "curves": curves_df, "seconds": seconds, "timings": timings}
