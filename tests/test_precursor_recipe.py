@@ -107,3 +107,11 @@ def test_grokking_reproduction_one_seed(tmp_path):
     final = cv[(cv["variant"] == "grokking") & (cv["metric"] == "unseen_acc")].sort_values("step")["value"].iloc[-1]
     assert final > 0.9
     assert np.isfinite(ps.loc["grokking", "rankme_min"])
+
+
+def test_cli_bad_target_is_named(tmp_path, capsys):
+    from dimscope.cli import main
+
+    assert main(["precursor", "--quick", "--target", "bogus", "--run", str(tmp_path / "x")]) == 2
+    out = capsys.readouterr().out
+    assert "'target' parameter of run_precursor must be one of 'sum', 'parity'" in out.replace("\n", " ")
