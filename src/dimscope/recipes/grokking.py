@@ -5,7 +5,7 @@ Task: inputs ``(a, b, =)`` with ``a, b`` in ``0 … p-1`` and ``=`` the token ``
 is all p² pairs; a seeded split gives ``train_fraction`` of them to training, the rest is held out.
 
 Model (one layer by default, no LayerNorm, as in the grokking literature): token + learned position
-embeddings (width 64), causal multi-head attention (4 heads), a ReLU MLP of width 512, each added
+embeddings (width 64, both initialised N(0, 1/64)), causal multi-head attention (4 heads), a ReLU MLP of width 512, each added
 to the residual stream, then a linear unembedding to p classes. Training: AdamW, lr 3e-3,
 weight decay 1.0, betas (0.9, 0.98), full batch. With p = 53 and train fraction 0.5 the held-out
 accuracy stays low while the training accuracy reaches 1, then rises ("groks") around step
@@ -151,6 +151,9 @@ class GrokTransformer(nn.Module):
         super().__init__()
         self.p = p
         self.embed = nn.Embedding(p + 1, d_model)
+        # N(0, 1/d) rather than PyTorch's N(0, 1): with unit-variance embeddings the same recipe had not
+        # generalised to unseen pairs after 2000 steps (seed 1); with N(0, 1/d) it grokked by 1500–2000.
+        nn.init.normal_(self.embed.weight, std=1.0 / math.sqrt(d_model))
         self.pos = nn.Parameter(torch.randn(n_ctx, d_model) / math.sqrt(d_model))
         self.blocks = nn.ModuleList([_Block(d_model, n_heads, d_mlp) for _ in range(n_layers)])
         self.unembed = nn.Linear(d_model, p, bias=False)
