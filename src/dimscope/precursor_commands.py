@@ -32,6 +32,7 @@ def precursor_table(per_seed: pd.DataFrame) -> pd.DataFrame:
                 "t_geo": _fmt(r["t_geo"]),
                 "t_probe": _fmt(r["t_probe"]),
                 "t_beh": _fmt(r["t_beh"]),
+                "final acc": _fmt(r.get("beh_final")),
                 "gap geo (ckpt)": f"{_fmt(r['gap_geo'])} ({_fmt(r['gap_geo_ckpt'])})",
                 "gap probe (ckpt)": f"{_fmt(r['gap_probe'])} ({_fmt(r['gap_probe_ckpt'])})",
                 "spacing": _fmt(r["spacing"]),

@@ -382,6 +382,7 @@ def precursor_gap(
         row: dict[str, Any] = {
             "seed": seed, "layer": head, "rankme_min": v_min, "step_min": s_min,
             "t_geo": t_geo, "t_probe": t_probe, "t_beh": t_beh, "spacing": spacing,
+            "beh_final": float(np.median(beh.to_numpy()[-p.k:])) if len(beh) else float("nan"),
             "collapse_order": collapse_order(reach),
         }
         for tag, t in (("geo", t_geo), ("probe", t_probe)):
