@@ -17,7 +17,7 @@ follows training accuracy.
 
 Every ``checkpoint_every`` steps a state_dict is written as ``step_<N>.safetensors`` and the series
 is then analysed through :mod:`dimscope.checkpoints` exactly as a user's series would be
-(:func:`analyze_series`).
+(:func:`analyze_grokking_dir`).
 
 Per-checkpoint analysis (the default, documented in the README):
 
