@@ -1,12 +1,13 @@
-"""Analyses of stored runs: correlations with training signals, and ``analyze_run`` (phases,
-significant transitions, noise floors, convention sensitivity). Imports are lazy so that sibling
-modules of this package (e.g. other areas' reports) stay cheap to import."""
+"""Analyses of stored runs: correlations with training signals, ``analyze_run`` (phases,
+significant transitions, noise floors, convention sensitivity) and ``precursor_gap`` (geometry
+before behaviour). Imports are lazy so that sibling modules of this package (e.g. other areas'
+reports) stay cheap to import."""
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["analyze_run", "Analysis", "correlations", "correlate", "spearman_interval", "lead_lag"]
+__all__ = ["analyze_run", "Analysis", "correlations", "correlate", "spearman_interval", "lead_lag", "precursor_gap"]
 
 _LAZY = {
     "analyze_run": "analyze",
@@ -15,6 +16,7 @@ _LAZY = {
     "correlate": "correlation",
     "spearman_interval": "correlation",
     "lead_lag": "correlation",
+    "precursor_gap": "precursor",
 }
 
 
