@@ -80,7 +80,7 @@ def register(app: typer.Typer) -> None:
             None, help="Analyse this folder of recipe checkpoints (holding grok_config.json, or sub-folders that do) instead of training."
         ),
         keep_checkpoints: bool = typer.Option(True, help="Keep the checkpoint files under RUN/checkpoints."),
-        jobs: int = typer.Option(1, help="Train the series in this many processes (one thread each)."),
+        jobs: int = typer.Option(2, help="Train the series in this many processes (one thread each); 2 suits a 2-core machine."),
         report: bool = typer.Option(False, help="Write the HTML report at the end (needs the report module)."),
     ) -> None:
         """Geometry before behaviour: RankMe collapse, probes and held-out accuracy over checkpoints; the precursor gap."""
