@@ -95,10 +95,10 @@ class UnrolledTraining:
         return c
 
     def _primal_blocks(self, t: int, blocks: list[torch.Tensor]) -> list[tuple[torch.Tensor, ...]]:
-        """Per block: (theta_t, g_t, *state_t) in the block layout, without the tangent axis (-2)."""
+        """Per block: (theta_t, g_t, *state_t) in the block layout, without the tangent axis (0)."""
         vecs = [self.traj.thetas[t], self.hvp_op.gradient(self.traj.thetas[t], *self._batch(t)), *self.traj.states[t]]
         per_vec = [self.hvp_op.to_blocks(v.unsqueeze(0)) for v in vecs]
-        return [tuple(pv[j].squeeze(-2) for pv in per_vec) for j in range(len(blocks))]
+        return [tuple(pv[j].squeeze(0) for pv in per_vec) for j in range(len(blocks))]
 
     def jvp(self, V: torch.Tensor) -> torch.Tensor:
         """Push a (K, n) block of initial-parameter tangents through the run; returns rows ``J v_k``."""
@@ -121,7 +121,7 @@ class UnrolledTraining:
 
             for j in range(len(blocks)):
                 pj = prim[j]
-                tan = vmap(lambda *d, pj=pj: jvp(f, pj, d)[1], in_dims=-2, out_dims=-2)
+                tan = vmap(lambda *d, pj=pj: jvp(f, pj, d)[1], in_dims=0, out_dims=0)
                 blocks[j], states[j] = tan(blocks[j], G[j], *states[j])
         out = self.hvp_op.from_blocks(blocks)
         return out[0] if single else out
@@ -144,7 +144,7 @@ class UnrolledTraining:
             a_g = []
             for j in range(len(lth)):
                 _, pull = vjp(f, *prim[j])
-                cots = vmap(pull, in_dims=-2, out_dims=-2)((lth[j], *lst[j]))
+                cots = vmap(pull, in_dims=0, out_dims=0)((lth[j], *lst[j]))
                 lth[j], lst[j] = cots[0], tuple(cots[2:])
                 a_g.append(cots[1])
             HG = self.hvp_op.hvp_blocks(self._ctx(t), a_g)
@@ -153,11 +153,11 @@ class UnrolledTraining:
         return out[0] if single else out
 
     def dense(self, chunk: int | None = None, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
-        """The dense n x n Jacobian, ``chunk`` tangent columns at a time (default: all that fit 1 GiB)."""
+        """The dense n x n Jacobian, ``chunk`` tangent columns at a time (default 128: the block stays in
+        cache and the GEMMs are already efficient; memory is O(chunk * n))."""
         n = self.n
         if chunk is None:
-            per_col = n * torch.finfo(self.dtype).bits // 8 * (4 + self.opt.n_state) + 8 * 4096 * 4
-            chunk = int(max(1, min(n, (1 << 30) // per_col)))
+            chunk = min(n, 128)
         chunk = check_int(chunk, "chunk", min_value=1, owner="training_jacobian")
         JT = torch.empty(n, n, dtype=self.dtype)
         for s in range(0, n, chunk):

@@ -80,10 +80,10 @@ class GenericHVP:
 class MLPHVP:
     """Closed-form HVP for ``Sequential(Linear(D, H), act, Linear(H, C))`` (see the module doc).
 
-    Tangent blocks use an internal layout in which every product is one large GEMM:
-    ``T1[i, k, h] = dW1_k[h, i]`` (row ``i = D`` holds ``db1_k``), shape (D+1, K, H), and
-    ``T2[j, k, c] = dW2_k[c, j]`` (row ``j = H`` holds ``db2_k``), shape (H+1, K, C). Hidden-layer
-    tangents are (B, K, H). Per-step primal quantities are cached (``cache=True``).
+    Tangent blocks use an internal layout in which the large products are tall-skinny GEMMs
+    (K*H rows), the fastest orientation for BLAS: ``T1[k, h, i] = dW1_k[h, i]`` with column
+    ``i = D`` holding ``db1_k`` (shape (K, H, D+1)), ``T2[k, c, j] = dW2_k[c, j]`` with column
+    ``j = H`` holding ``db2_k`` (shape (K, C, H+1)); hidden-layer tangents are (K, H, B).
     """
 
     name = "mlp"
@@ -105,20 +105,14 @@ class MLPHVP:
         return (v[..., a0:a1].reshape(*lead, H, D), v[..., b0:b1], v[..., c0:c1].reshape(*lead, C, H), v[..., d0:d1])
 
     def to_blocks(self, V: torch.Tensor) -> list[torch.Tensor]:
-        """(K, n) in ``parameters_to_vector`` order -> [T1 (D+1, K, H), T2 (H+1, K, C)]."""
+        """(K, n) in ``parameters_to_vector`` order -> [T1 (K, H, D+1), T2 (K, C, H+1)]."""
         W1, b1, W2, b2 = self._split(V)
-        T1 = torch.cat([W1, b1.unsqueeze(-1)], dim=2).permute(2, 0, 1).contiguous()
-        T2 = torch.cat([W2, b2.unsqueeze(-1)], dim=2).permute(2, 0, 1).contiguous()
-        return [T1, T2]
+        return [torch.cat([W1, b1.unsqueeze(-1)], dim=-1), torch.cat([W2, b2.unsqueeze(-1)], dim=-1)]
 
     def from_blocks(self, blocks: list[torch.Tensor]) -> torch.Tensor:
         T1, T2 = blocks
-        A1 = T1.permute(1, 2, 0)  # (K, H, D+1)
-        A2 = T2.permute(1, 2, 0)  # (K, C, H+1)
-        K = A1.shape[0]
-        return torch.cat(
-            [A1[..., :-1].reshape(K, -1), A1[..., -1], A2[..., :-1].reshape(K, -1), A2[..., -1]], dim=1
-        )
+        K = T1.shape[0]
+        return torch.cat([T1[..., :-1].reshape(K, -1), T1[..., -1], T2[..., :-1].reshape(K, -1), T2[..., -1]], dim=1)
 
     # -- primal quantities ----------------------------------------------------------------------------
     def _primal(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
@@ -143,7 +137,9 @@ class MLPHVP:
         ga = r @ W2
         ones = torch.ones(B, 1, dtype=x.dtype)
         return {
-            "W2": W2, "x": x, "a": a, "f1": f1, "p": p, "r": r, "ga": ga, "gaf2": ga * f2,
+            "W2": W2, "x": x, "a": a, "f1": f1, "r": r, "ga": ga,
+            "f1T": f1.T.contiguous(), "gaf2T": (ga * f2).T.contiguous(), "rT": r.T.contiguous(),
+            "pT": None if p is None else p.T.contiguous(),
             "x_aug": torch.cat([x, ones], 1), "a_aug": torch.cat([a, ones], 1),
         }
 
@@ -160,29 +156,28 @@ class MLPHVP:
         return self.from_blocks(self.hvp_blocks(self._primal(theta, x, y), self.to_blocks(V)))
 
     def hvp_blocks(self, c: dict[str, Any], blocks: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The HVP in the internal layout: 4 GEMMs of width K*H, 4 of width K*C, 4 element-wise passes."""
+        """The HVP in the internal layout: 4 tall GEMMs (K*H or K*C rows), 3 batched small products."""
         T1, T2 = (b.contiguous() for b in blocks)
         H, D, C = self.H, self.D, self.C
-        K = T1.shape[1]
-        x_aug, a_aug, W2, r, f1 = c["x_aug"], c["a_aug"], c["W2"], c["r"], c["f1"]
+        K = T1.shape[0]
+        x_aug, a_aug, W2, f1T = c["x_aug"], c["a_aug"], c["W2"], c["f1T"]
         B = x_aug.shape[0]
-        dh = (x_aug @ T1.view(D + 1, K * H)).view(B, K, H)  # GEMM 1 (bias via the ones column)
-        da = dh * f1.unsqueeze(1)
-        dz = (a_aug @ T2.view(H + 1, K * C)).view(B, K, C)
-        dz.view(B * K, C).addmm_(da.view(B * K, H), W2.T)
-        if c["p"] is not None:
-            p = c["p"].unsqueeze(1)
-            pdz = p * dz
-            dr = pdz.sub_(p * pdz.sum(-1, keepdim=True)).div_(B)
+        dh = (T1.view(K * H, D + 1) @ x_aug.T).view(K, H, B)  # GEMM 1 (bias via the ones column)
+        da = dh * f1T
+        dz = (T2.view(K * C, H + 1) @ a_aug.T).view(K, C, B)
+        dz += torch.matmul(W2, da)
+        if c["pT"] is not None:
+            pT = c["pT"]
+            pdz = dz.mul_(pT)
+            dr = pdz.sub_(pT * pdz.sum(1, keepdim=True)).div_(B)
         else:
             dr = dz.mul_(2.0 / (B * C))
-        G2 = (a_aug.T @ dr.view(B, K * C)).view(H + 1, K, C)
-        G2[:H] += (da.view(B, K * H).T @ r).view(K, H, C).permute(1, 0, 2)
-        M = T2[:H].permute(2, 1, 0).reshape(C, K * H)
-        dga = (r @ M).view(B, K, H)
-        dga.view(B * K, H).addmm_(dr.view(B * K, C), W2)
-        dgh = dga.mul_(f1.unsqueeze(1)).addcmul_(dh, c["gaf2"].unsqueeze(1))
-        G1 = (x_aug.T @ dgh.view(B, K * H)).view(D + 1, K, H)  # GEMM 2 (bias row via the ones column)
+        G2 = (dr.view(K * C, B) @ a_aug).view(K, C, H + 1)
+        G2[..., :H] += torch.matmul(c["rT"], da.transpose(1, 2))
+        dga = (T2[..., :H].transpose(1, 2).reshape(K * H, C) @ c["rT"]).view(K, H, B)
+        dga += torch.matmul(W2.T, dr)
+        dgh = dga.mul_(f1T).addcmul_(dh, c["gaf2T"])
+        G1 = (dgh.view(K * H, B) @ x_aug).view(K, H, D + 1)  # GEMM 2 (bias column via the ones column)
         return [G1, G2]
 
 
