@@ -33,7 +33,7 @@ from typing import Any, Union
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad_and_value
+from torch.func import functional_call, grad_and_value, vmap
 
 from .._validation import check_choice, check_float, check_int
 
@@ -268,13 +268,14 @@ def functional_train(
 
     The model itself is never modified. ``project`` (optional) maps each gradient before the optimizer
     step (used for training restricted to a subspace). With ``record=False`` only the final
-    parameters and the losses are kept.
+    parameters and the losses are kept. ``theta0`` of shape (P, n) trains P copies side by side
+    (``vmap`` over the gradient; same batches and schedule), e.g. several perturbed initializations.
     """
     cfg = cfg.validated(len(X))
     spec = ParamSpec(model)
     theta = spec.vector(dtype) if theta0 is None else theta0.detach().to(dtype).clone()
-    if theta.shape != (spec.n,):
-        raise ValueError(f"The 'theta0' parameter must have shape ({spec.n},). Got {tuple(theta.shape)} instead.")
+    if theta.shape[-1:] != (spec.n,) or theta.dim() > 2:
+        raise ValueError(f"The 'theta0' parameter must have shape ({spec.n},) or (P, {spec.n}). Got {tuple(theta.shape)} instead.")
     X = X.to(dtype)
     if y.is_floating_point():
         y = y.to(dtype)
@@ -282,6 +283,8 @@ def functional_train(
     state = opt.init_state(theta)
     n_steps = cfg.n_steps(len(X))
     gfn = grad_and_value(spec.loss_fn(cfg.loss))
+    if theta.dim() == 2:
+        gfn = vmap(gfn, in_dims=(0, None, None))
     traj = Trajectory([], [], [], [], [], theta)
     for t, idx in enumerate(batch_indices(cfg, len(X))):
         lr = lr_at(cfg, t, n_steps)
@@ -295,7 +298,7 @@ def functional_train(
             g, value = gfn(theta, xb, yb)
             if project is not None:
                 g = project(g)
-            traj.losses.append(float(value))
+            traj.losses.append(float(value) if value.dim() == 0 else value.tolist())
             theta, state = opt.update(theta, g, state, lr, t)
     traj.theta_final = theta
     return traj
