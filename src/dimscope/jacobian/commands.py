@@ -17,6 +17,7 @@ def register(app: typer.Typer) -> None:
         experiments: str = typer.Option(
             "perturbation,kl,restricted,variants,seeds", help="Comma-separated subset of perturbation,kl,restricted,variants,seeds."
         ),
+        variants: str = typer.Option("mse,shuffled_labels,white_noise_inputs", help="Which variants the 'variants' experiment runs."),
         overwrite: bool = typer.Option(False, help="Start the run directory afresh."),
         report: bool = typer.Option(False, help="Write the HTML report of the run at the end (needs --run)."),
     ) -> None:
@@ -37,7 +38,8 @@ def register(app: typer.Typer) -> None:
             raise ValueError(f"The 'seeds' parameter of dimscope jacobian must be comma-separated ints. Got {seeds!r} instead.") from None
         if not seed_t:
             raise ValueError(f"The 'seeds' parameter of dimscope jacobian must name at least one seed. Got {seeds!r} instead.")
-        res = reproduce(run, quick=quick, seeds=seed_t, experiments=exps, log=console.print, overwrite=overwrite)
+        res = reproduce(run, quick=quick, seeds=seed_t, experiments=exps, log=console.print, overwrite=overwrite,
+                        variants=tuple(v.strip() for v in variants.split(",") if v.strip()))
         df = comparison_table(res)
         t = Table(title="training Jacobian: dimscope beside REFERENCE.md section 1" + (" (--quick: not comparable)" if quick else ""))
         for c in df.columns:

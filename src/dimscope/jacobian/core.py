@@ -219,7 +219,15 @@ class TrainingJacobian:
 
     def _ensure_svd(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self._svd is None:
-            self._svd = torch.linalg.svd(self.J, full_matrices=False)
+            try:
+                self._svd = torch.linalg.svd(self.J, full_matrices=False)
+            except torch.linalg.LinAlgError:
+                # gesdd (divide and conquer) can fail on matrices with many (nearly) repeated singular
+                # values -- J has hundreds exactly at 1; fall back to the QR-iteration driver in float64.
+                from scipy.linalg import svd
+
+                U, s, Vh = svd(self.J.double().numpy(), full_matrices=False, lapack_driver="gesvd")
+                self._svd = tuple(torch.from_numpy(a).to(self.J.dtype) for a in (U, s, Vh))  # type: ignore[assignment]
         return self._svd
 
     @property

@@ -63,6 +63,7 @@ def reproduce(
     experiments: tuple[str, ...] = ("perturbation", "kl", "restricted", "variants", "seeds"),
     log: Callable[[str], None] = print,
     overwrite: bool = False,
+    variants: tuple[str, ...] = ("mse", "shuffled_labels", "white_noise_inputs"),
 ) -> dict[str, Any]:
     """Run the reproduction; returns the results (and stores them in ``run`` when given)."""
     from ..store import RunStore
@@ -145,12 +146,16 @@ def reproduce(
     if "variants" in experiments:
         rows = []
         g = torch.Generator().manual_seed(1)
-        variants = {
+        variant_data = {
             "mse": ({"loss": "mse"}, Xtr, ytr),
             "shuffled_labels": ({}, Xtr, ytr[torch.randperm(len(ytr), generator=g)]),
             "white_noise_inputs": ({}, torch.randn(Xtr.shape, generator=g), ytr),
         }
-        for name, (over, X, y) in variants.items():
+        unknown = set(variants) - set(variant_data)
+        if unknown:
+            raise ValueError(f"The 'variants' parameter of reproduce must name {sorted(variant_data)}. Got {sorted(unknown)} instead.")
+        variant_data = {k: v for k, v in variant_data.items() if k in variants}
+        for name, (over, X, y) in variant_data.items():
             _, tv = jac(seeds[0], X, y, **over)
             for rr in _regions_df(tv).to_dict("records"):
                 rows.append({"variant": name, **rr})
