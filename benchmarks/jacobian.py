@@ -125,7 +125,7 @@ def main() -> None:
     t = time.perf_counter()
     run = UnrolledTraining(model, Xtr, ytr, cfg, method="mlp")
     primal_s = time.perf_counter() - t
-    chunk = args.chunk or 128
+    chunk = args.chunk or 64
     t, cpu = time.perf_counter(), time.process_time()
     cols = []
     for s in range(0, K, chunk):

@@ -153,11 +153,11 @@ class UnrolledTraining:
         return out[0] if single else out
 
     def dense(self, chunk: int | None = None, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
-        """The dense n x n Jacobian, ``chunk`` tangent columns at a time (default 128: the block stays in
+        """The dense n x n Jacobian, ``chunk`` tangent columns at a time (default 64: the block stays in
         cache and the GEMMs are already efficient; memory is O(chunk * n))."""
         n = self.n
         if chunk is None:
-            chunk = min(n, 128)
+            chunk = min(n, 64)
         chunk = check_int(chunk, "chunk", min_value=1, owner="training_jacobian")
         JT = torch.empty(n, n, dtype=self.dtype)
         for s in range(0, n, chunk):
