@@ -1,0 +1,56 @@
+"""``dimscope jacobian``: the training-Jacobian reproduction (REFERENCE.md section 1)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def jacobian(
+        run: Optional[Path] = typer.Option(None, "--run", help="Run directory: results stored as artifacts 'jacobian/...'."),
+        quick: bool = typer.Option(False, "--quick", help="Small model (hidden 8, 2 epochs): seconds, for tests."),
+        seeds: str = typer.Option("0,1,2", help="Initialization seeds (comma-separated); the first is the main run."),
+        experiments: str = typer.Option(
+            "perturbation,kl,restricted,variants,seeds", help="Comma-separated subset of perturbation,kl,restricted,variants,seeds."
+        ),
+        variants: str = typer.Option("mse,shuffled_labels,white_noise_inputs", help="Which variants the 'variants' experiment runs."),
+        overwrite: bool = typer.Option(False, help="Start the run directory afresh."),
+        report: bool = typer.Option(False, help="Write the HTML report of the run at the end (needs --run)."),
+    ) -> None:
+        """Dense training Jacobian of the paper's digits MLP, its chaotic/bulk/stable regions and experiments."""
+        from rich.console import Console
+        from rich.table import Table
+
+        from .._validation import check_choice
+        from .reproduce import comparison_table, reproduce
+
+        console = Console()
+        exps = tuple(e.strip() for e in experiments.split(",") if e.strip())
+        for e in exps:
+            check_choice(e, "experiments", ("perturbation", "kl", "restricted", "variants", "seeds"), owner="dimscope jacobian")
+        try:
+            seed_t = tuple(int(s) for s in seeds.split(",") if s.strip())
+        except ValueError:
+            raise ValueError(f"The 'seeds' parameter of dimscope jacobian must be comma-separated ints. Got {seeds!r} instead.") from None
+        if not seed_t:
+            raise ValueError(f"The 'seeds' parameter of dimscope jacobian must name at least one seed. Got {seeds!r} instead.")
+        res = reproduce(run, quick=quick, seeds=seed_t, experiments=exps, log=console.print, overwrite=overwrite,
+                        variants=tuple(v.strip() for v in variants.split(",") if v.strip()))
+        df = comparison_table(res)
+        t = Table(title="training Jacobian: dimscope beside REFERENCE.md section 1" + (" (--quick: not comparable)" if quick else ""))
+        for c in df.columns:
+            t.add_column(c)
+        for rec in df.itertuples(index=False):
+            t.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in rec])
+        console.print(t)
+        if report and run is not None:
+            try:
+                from ..report import write_report  # type: ignore[attr-defined]
+            except ImportError:
+                console.print("report: dimscope.report.write_report is not available in this build")
+                return
+            console.print(f"report: {write_report(run)}")
