@@ -51,7 +51,9 @@ def run_config(name: str, batches, probe, tmp: Path) -> float:
         train(model, batches, lambda s, l: l.item())
     elif name.startswith("dimscope"):
         _, mode, every = name.split(":")
-        kw = dict(probe=probe) if mode == "probe" else dict(mode="batch")
+        # batch mode at ndtracker's settings: the same three layers, its four metrics, no weight spectra
+        ndt_like = dict(mode="batch", weight_metrics=False, metrics=["stable_rank", "participation_ratio", "energy_rank", "nuclear_ratio"])
+        kw = dict(probe=probe) if mode == "probe" else ndt_like
         tr = dimscope.Tracker(model, every=int(every), layers=LAYERS, run=str(tmp / f"{name.replace(':', '_')}_{time.time_ns()}"), **kw)
         train(model, batches, lambda s, l: tr.step(s, loss=l.item()))
         tr.close()

@@ -42,7 +42,7 @@ def train(model, tracker, steps=30, seed=0, bad_at=None):
 def test_probe_mode_values_match_direct_measurement(tmp_path, background):
     model = mlp()
     probe = torch.randn(64, 10, generator=torch.Generator().manual_seed(1))
-    with dimscope.Tracker(model, probe=probe, every=5, layers=["0", "3"], run=tmp_path / "r", background=background) as tr:
+    with dimscope.Tracker(model, probe=probe, every=5, layers=["0", "3"], run=tmp_path / "r", background=background, weight_every=5) as tr:
         train(model, tr, steps=21)
     run = dimscope.open_run(tmp_path / "r")
     sr = run.metric("stable_rank", "3")
@@ -332,3 +332,30 @@ def test_dataframe_artifacts_keep_their_types(tmp_path):
     assert run.artifacts() == ["analysis/x", "arr", "obj"]
     with pytest.raises(KeyError, match="No artifact 'missing'"):
         run.artifact("missing")
+
+
+def test_weight_spectra_every_tenth_measurement_by_default(tmp_path):
+    model = mlp()
+    with dimscope.Tracker(model, probe=torch.randn(16, 10), every=2, layers="0", run=tmp_path / "w") as tr:
+        train(model, tr, steps=45)
+    run = dimscope.open_run(tmp_path / "w")
+    assert list(run.metric("stable_rank", "0", space="weight").index) == [0, 20, 40]
+    assert len(run.metric("stable_rank", "0")) == 23
+    assert run.manifest["weight_every"] == 20
+    with pytest.raises(ValueError, match="The 'weight_every' parameter of Tracker must be an int >= 1. Got 0"):
+        dimscope.Tracker(model, probe=torch.randn(4, 10), weight_every=0)
+
+
+def test_background_auto_measures_inline_when_torch_uses_every_core(monkeypatch):
+    model = mlp()
+    probe = torch.randn(8, 10)
+    monkeypatch.setattr(os, "cpu_count", lambda: torch.get_num_threads())
+    tr = dimscope.Tracker(model, probe=probe)
+    assert tr.background is False and tr.step(0) is not None  # inline: step returns the values
+    tr.close()
+    monkeypatch.setattr(os, "cpu_count", lambda: torch.get_num_threads() + 2)
+    tr = dimscope.Tracker(model, probe=probe)
+    assert tr.background is True and tr.step(0) is None
+    tr.close()
+    with pytest.raises(ValueError, match="The 'background' parameter of Tracker must be True, False or 'auto'. Got 'yes'"):
+        dimscope.Tracker(model, probe=probe, background="yes")

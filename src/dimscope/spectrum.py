@@ -115,7 +115,7 @@ def _eigvalsh_desc(G: torch.Tensor) -> np.ndarray:
 
 
 def spectrum_from_gram(
-    G: Any, n_samples: int, n_features: int, *, centered: bool = True, normalized: bool = False
+    G: Any, n_samples: int, n_features: int, *, centered: bool = True, normalized: bool = False, check_finite: bool = True
 ) -> Spectrum:
     """Spectrum from an accumulated Gram matrix (XᵀX, d x d, or XXᵀ, n x n) in float64.
 
@@ -124,7 +124,7 @@ def spectrum_from_gram(
     matrices accumulated across batches or all-reduced across ranks.
     """
     G = torch.as_tensor(G).to(torch.float64)
-    if not torch.isfinite(G).all():
+    if check_finite and not torch.isfinite(G).all():
         raise NonFiniteError("The feature matrix holds NaN or Inf values.")
     denom = 1.0 if normalized else float(max(n_samples - (1 if centered else 0), 1))
     ev = _eigvalsh_desc(G / denom)
@@ -150,7 +150,7 @@ def spectrum(X: Any, center: bool = True) -> Spectrum:
     if center:
         X = X - X.mean(dim=0, keepdim=True)
     G = X @ X.T if n <= d else X.T @ X
-    return spectrum_from_gram(G, n, d, centered=center)
+    return spectrum_from_gram(G, n, d, centered=center, check_finite=False)  # X was checked
 
 
 def weight_spectrum(W: Any) -> Spectrum:

@@ -230,6 +230,9 @@ class Tracker:
         ``"all"`` stores every eigenvalue, an int K the top K, ``None`` none.
     weight_metrics:
         Also measure the spectrum of each tracked layer's weight matrix.
+    weight_every:
+        Measure weight spectra when ``step % weight_every == 0`` (default ``10 * every``: weights move
+        slowly, and their eigendecomposition is as costly as the activations').
     grad_norm:
         Record the global gradient norm at each measurement (call ``step`` before ``zero_grad``).
     max_rows:
@@ -239,7 +242,8 @@ class Tracker:
     probe_batch_size:
         Run the probe forward in chunks of this many inputs.
     background:
-        Run eigendecompositions and writes on a background thread (default True).
+        Run eigendecompositions and writes on a background thread: True, False, or ``"auto"``
+        (default: a thread only when the model is on an accelerator or torch leaves CPU cores free).
     overwrite:
         Start an existing run afresh instead of appending to it.
     commit_every, commit_seconds:
@@ -261,12 +265,13 @@ class Tracker:
         conventions: Sequence[str] = ("centered",),
         spectra: str | int | None = "all",
         weight_metrics: bool = True,
+        weight_every: int | None = None,
         grad_norm: bool = False,
         max_rows: int | None = 4096,
         conv: str = "channels",
         seed: int = 0,
         probe_batch_size: int | None = None,
-        background: bool = True,
+        background: bool | str = "auto",
         queue_size: int = 16,
         overwrite: bool = False,
         commit_every: int = 10,
@@ -301,6 +306,9 @@ class Tracker:
         self.store_spectra = spectra is not None
         self.metric_spec = _normalize_metric_spec(metrics)
         self.weight_metrics = bool(weight_metrics)
+        self.weight_every = (
+            10 * self.every if weight_every is None else check_int(weight_every, "weight_every", min_value=1, owner="Tracker")
+        )
         self.grad_norm = bool(grad_norm)
         self.seed = int(seed)
         self.probe = probe
@@ -335,7 +343,8 @@ class Tracker:
         if "batch" in modes:
             self._batch_capture = capture(model, self.layers, clone=True, only_grad=True)
             self._batch_capture.__enter__()
-        self._worker = _Worker(queue_size) if background else None
+        self.background = self._resolve_background(background)
+        self._worker = _Worker(queue_size) if self.background else None
         atexit.register(self._atexit)
         for ext in extensions:
             self.add_extension(ext)
@@ -368,6 +377,7 @@ class Tracker:
             "spectra_top_k": self.top_k,
             "store_spectra": self.store_spectra,
             "weight_metrics": self.weight_metrics,
+            "weight_every": self.weight_every,
             "grad_norm": self.grad_norm,
             "probe_eval_mode": True,
             "sessions": sessions,
@@ -379,6 +389,22 @@ class Tracker:
             entries["probe_shape"] = [list(t.shape) for t in _probe_tensors(self.probe)]
         self.store.set_manifest(entries)
         self.store.commit()
+
+    def _resolve_background(self, background: bool | str) -> bool:
+        """``"auto"``: a measurement thread only where it does not compete with training for cores.
+
+        On CPU, when torch already uses every core, a second busy thread stalls torch's OpenMP
+        workers and costs more than measuring inline (measured in benchmarks/overhead.py).
+        """
+        if background == "auto":
+            try:
+                on_cpu = next(self.model.parameters()).device.type == "cpu"
+            except StopIteration:
+                on_cpu = True
+            return (not on_cpu) or torch.get_num_threads() < (os.cpu_count() or 1)
+        if not isinstance(background, bool):
+            raise ValueError(f"The 'background' parameter of Tracker must be True, False or 'auto'. Got {background!r} instead.")
+        return background
 
     @staticmethod
     def convention_name(mode: str, convention: str) -> str:
@@ -463,7 +489,7 @@ class Tracker:
     def _measure(self, step: int, now: float) -> dict[tuple[str, str], float] | None:
         feats = self._collect_features()
         weights: dict[str, torch.Tensor] = {}
-        if self.weight_metrics:
+        if self.weight_metrics and step % self.weight_every == 0:
             weights = {name: w.detach().clone() for name, w in iter_layer_weights(self.model, self.layers)}
         if self.grad_norm:
             self._train_rows.append((step, now, "", "grad_norm", self._grad_norm(), "training", ""))
