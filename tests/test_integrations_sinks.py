@@ -62,7 +62,7 @@ def test_tensorboard_and_csv_sinks_mirror_the_store(tmp_path):
     model = mlp()
     probe = torch.randn(40, 12, generator=torch.Generator().manual_seed(1))
     tb, csv_path = tmp_path / "tb", tmp_path / "m.csv"
-    with dimscope.Tracker(model, probe=probe, every=2, run=str(tmp_path / "run"),
+    with dimscope.Tracker(model, probe=probe, every=2, weight_every=2, run=str(tmp_path / "run"),
                           extensions=[TensorBoardSink(tb), CSVSink(csv_path)]) as tracker:
         _train(model, tracker)
     expected = store_values(tmp_path / "run")
