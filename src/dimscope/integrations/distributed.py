@@ -54,6 +54,13 @@ from ..tracker import Tracker, TrackerExtension, _probe_len, _slice_probe
 __all__ = ["DistributedTracker", "shard_bounds"]
 
 
+def tracker_for(model: nn.Module, probe: Any, world_size: int, **kwargs: Any) -> Tracker:
+    """A :class:`DistributedTracker` when a process group of several ranks is up, else a Tracker."""
+    if world_size > 1 and dist.is_available() and dist.is_initialized():
+        return DistributedTracker(model, probe, **kwargs)
+    return Tracker(model, probe, **kwargs)
+
+
 def shard_bounds(n: int, world_size: int, rank: int) -> tuple[int, int]:
     """The contiguous slice ``[a, b)`` of ``n`` probe rows that ``rank`` measures (sizes differ by ≤ 1)."""
     base, extra = divmod(n, world_size)

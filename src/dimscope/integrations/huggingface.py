@@ -39,7 +39,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch.distributed as dist
 from transformers import TrainerCallback
 
 from .._validation import check_int
@@ -113,12 +112,9 @@ class DimscopeCallback(TrainerCallback):
         kw = dict(self.tracker_kwargs)
         extensions = list(kw.pop("extensions", ())) + self.sinks
         kw.update(every=self.every, layers=self.layers, run=str(self.run_dir), extensions=extensions)
-        if getattr(args, "world_size", 1) > 1 and dist.is_available() and dist.is_initialized():
-            from .distributed import DistributedTracker
+        from .distributed import tracker_for
 
-            self.tracker = DistributedTracker(model, self.probe, **kw)
-        else:
-            self.tracker = Tracker(model, self.probe, **kw)
+        self.tracker = tracker_for(model, self.probe, getattr(args, "world_size", 1), **kw)
         if self.measure_at_start and state.global_step == 0 and "probe" in self.tracker.modes:
             self.tracker.step(0)
 

@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from .._validation import check_int
@@ -163,12 +162,9 @@ class DimscopeCallback(Callback):
         if self.log_to_loggers and trainer.loggers:
             extensions.append(LoggerSink(trainer.loggers))
         kwargs.update(every=self.every, layers=self.layers, run=str(self.run_dir), extensions=extensions)
-        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
-            from .distributed import DistributedTracker
+        from .distributed import tracker_for
 
-            self.tracker = DistributedTracker(pl_module, self.probe, **kwargs)
-        else:
-            self.tracker = Tracker(pl_module, self.probe, **kwargs)
+        self.tracker = tracker_for(pl_module, self.probe, trainer.world_size, **kwargs)
         self._last_step = trainer.global_step
         self._loss_sum, self._n_batches = None, 0
 
