@@ -206,6 +206,11 @@ def _apply_xscale(ax: Axes, xscale: str, max_step: float) -> None:
         ax.set_xscale("symlog", linthresh=linthresh, linscale=1.0)
 
 
+def _step_label(xscale: str) -> str:
+    """The label of a step axis, saying when it is symlog."""
+    return "optimizer step" + (" (symlog)" if xscale == "symlog" else "")
+
+
 def _check_xscale(xscale: str, owner: str) -> str:
     from ._validation import check_choice
 
@@ -285,7 +290,7 @@ def plot_layer(
             handles, labels = handles + h2, labels + l2
         ax.legend(handles, labels, fontsize=7, loc="best")
         _apply_xscale(ax, xscale, max(s.index.max(), 1))
-    axes[-1, 0].set_xlabel("optimizer step" + (" (symlog)" if xscale == "symlog" else ""))
+    axes[-1, 0].set_xlabel(_step_label(xscale))
     return fig
 
 
@@ -339,7 +344,7 @@ def plot_layers(
     last = max(max(s.index.max() for s in per.values()) for _, per in panels)
     for ax in axes[:, 0]:
         _apply_xscale(ax, xscale, max(last, 1))
-    axes[-1, 0].set_xlabel("optimizer step" + (" (symlog)" if xscale == "symlog" else ""))
+    axes[-1, 0].set_xlabel(_step_label(xscale))
     return fig
 
 
@@ -406,7 +411,7 @@ def plot_spectrum_heatmap(
         ax.set_yscale("log")
     ax.set_ylim(idx[-1] + 0.5, 0.5 if k <= 32 else 0.9)
     _apply_xscale(ax, xscale, max(steps.max(), 1))
-    ax.set_xlabel("optimizer step" + (" (symlog)" if xscale == "symlog" else ""))
+    ax.set_xlabel(_step_label(xscale))
     ax.set_ylabel("eigenvalue index i")
     trunc = " (stored truncated)" if first.truncated else ""
     ax.set_title(
@@ -461,7 +466,7 @@ def plot_activation_vs_weight(
     last = max(max((s.index.max() for s in (a, w) if s is not None and not s.empty), default=1) for _, a, w in pairs)
     for ax in axes[:, 0]:
         _apply_xscale(ax, xscale, max(last, 1))
-    axes[-1, 0].set_xlabel("optimizer step" + (" (symlog)" if xscale == "symlog" else ""))
+    axes[-1, 0].set_xlabel(_step_label(xscale))
     return fig
 
 
