@@ -38,7 +38,7 @@ def train(model, tracker, steps=30, seed=0, bad_at=None):
         tracker.step(step, loss=loss.item(), lr=0.05)
 
 
-@pytest.mark.parametrize("background", [True, False])
+@pytest.mark.parametrize("background", [True, False, "batched"])
 def test_probe_mode_values_match_direct_measurement(tmp_path, background):
     model = mlp()
     probe = torch.randn(64, 10, generator=torch.Generator().manual_seed(1))
@@ -298,7 +298,7 @@ def test_sigkill_keeps_every_committed_measurement(tmp_path):
     assert run.training("loss").index.max() >= steps[-1]
 
 
-@pytest.mark.parametrize("background", [True, False])
+@pytest.mark.parametrize("background", [True, False, "batched"])
 def test_a_failing_measurement_warns_and_training_goes_on(tmp_path, background):
     class Broken(dimscope.Tracker):
         calls = 0
@@ -346,16 +346,102 @@ def test_weight_spectra_every_tenth_measurement_by_default(tmp_path):
         dimscope.Tracker(model, probe=torch.randn(4, 10), weight_every=0)
 
 
-def test_background_auto_measures_inline_when_torch_uses_every_core(monkeypatch):
+def test_background_auto_batches_when_torch_uses_every_core(monkeypatch):
     model = mlp()
     probe = torch.randn(8, 10)
     monkeypatch.setattr(os, "cpu_count", lambda: torch.get_num_threads())
-    tr = dimscope.Tracker(model, probe=probe)
-    assert tr.background is False and tr.step(0) is not None  # inline: step returns the values
+    tr = dimscope.Tracker(model, probe=probe, every=1, commit_every=3)
+    assert tr.batched and not tr.background
+    assert tr.step(0) is None and tr.step(1) is None and tr.latest == {}  # buffered
+    assert len(tr._pending) == 2 and tr.history == []  # noqa: SLF001
+    tr.step(2)  # the third measurement computes all three
+    assert tr._pending == [] and tr.latest[("0", "stable_rank")] > 1  # noqa: SLF001
+    assert [r["step"] for r in tr.history if r["metric"] == "stable_rank" and r["layer"] == "0" and r["space"] == "activation"] == [0, 1, 2]
     tr.close()
     monkeypatch.setattr(os, "cpu_count", lambda: torch.get_num_threads() + 2)
     tr = dimscope.Tracker(model, probe=probe)
-    assert tr.background is True and tr.step(0) is None
+    assert tr.background is True and not tr.batched and tr.step(0) is None
     tr.close()
-    with pytest.raises(ValueError, match="The 'background' parameter of Tracker must be True, False or 'auto'. Got 'yes'"):
+    tr = dimscope.Tracker(model, probe=probe, background=False)
+    assert tr.step(0) is not None  # inline: step returns the values
+    tr.close()
+    with pytest.raises(ValueError, match="The 'background' parameter of Tracker must be True, False, 'batched' or 'auto'. Got 'yes'"):
         dimscope.Tracker(model, probe=probe, background="yes")
+
+
+def _all_values(run):
+    df = run.scalars()
+    df = df[df.space != "training"]
+    return df.set_index(["step", "layer", "metric", "space", "convention"]).value.sort_index()
+
+
+def test_batched_measurements_equal_inline_ones(tmp_path):
+    """The batched kernel (numpy syrk + LAPACK on a thread pool) gives the inline numbers."""
+    runs = {}
+    for where in (False, "batched"):
+        model = mlp()
+        probe = torch.randn(48, 10, generator=torch.Generator().manual_seed(3))
+        with dimscope.Tracker(model, probe=probe, every=2, layers=["0", "3", "5"], mode=("probe", "batch"),
+                              conventions=("centered", "uncentered"), run=tmp_path / str(where), background=where,
+                              weight_every=4, commit_every=4) as tr:
+            train(model, tr, steps=17)
+        runs[where] = dimscope.open_run(tmp_path / str(where))
+    a, b = _all_values(runs[False]), _all_values(runs["batched"])
+    assert a.index.equals(b.index) and len(a) == 9 * 3 * 4 * 7 + 5 * 3 * 7
+    np.testing.assert_allclose(b.to_numpy(), a.to_numpy(), rtol=1e-9, atol=1e-12)
+    for layer in ("0", "3"):
+        sa, sb = runs[False].spectra(layer), runs["batched"].spectra(layer)
+        assert list(sa.index) == list(sb.index)
+        for x, y in zip(sa.values, sb.values):
+            assert (x.n_samples, x.n_features, x.centered) == (y.n_samples, y.n_features, y.centered)
+            np.testing.assert_allclose(y.values, x.values, rtol=1e-9, atol=1e-12 * x.values[0])
+    assert runs["batched"].training("loss").shape == (17,)
+
+
+def test_batched_commits_every_commit_every_measurements_and_after_commit_seconds(tmp_path):
+    model = mlp()
+    tr = dimscope.Tracker(model, probe=torch.randn(16, 10), every=1, layers="0", run=tmp_path / "b", background="batched", commit_every=5)
+    for s in range(4):
+        tr.step(s, loss=1.0)
+    df = dimscope.open_run(tmp_path / "b").scalars()
+    assert df[df.space == "activation"].empty  # nothing computed or committed yet
+    tr.step(4, loss=1.0)
+    assert list(dimscope.open_run(tmp_path / "b").metric("stable_rank", "0").index) == [0, 1, 2, 3, 4]  # committed
+    tr.close()
+    tr = dimscope.Tracker(model, probe=torch.randn(16, 10), every=10, layers="0", run=tmp_path / "t", background="batched", commit_seconds=0.05)
+    tr.step(0, loss=1.0)
+    time.sleep(0.1)
+    tr.step(1, loss=1.0)  # not a measured step, but the buffered measurement is older than commit_seconds
+    assert list(dimscope.open_run(tmp_path / "t").metric("stable_rank", "0").index) == [0]
+    tr.close()
+
+
+def test_batch_mode_copies_activations_only_before_measured_steps(tmp_path):
+    model = mlp()
+    copies = []
+    with dimscope.Tracker(model, every=5, layers="3", mode="batch", run=tmp_path / "a", weight_metrics=False) as tr:
+        g = torch.Generator().manual_seed(0)
+        for step in range(12):
+            copies.append(tr._batch_capture.enabled)  # noqa: SLF001 - armed for this step's forward?
+            model(torch.randn(32, 10, generator=g)).sum().backward()
+            tr.step(step)
+    assert copies == [True, False, False, False, False, True, False, False, False, False, True, False]
+    assert list(dimscope.open_run(tmp_path / "a").metric("stable_rank", "3").index) == [0, 5, 10]
+    # steps that skip the schedule: one warning, then every forward is recorded
+    with pytest.warns(RuntimeWarning, match="not consecutive"):
+        with dimscope.Tracker(model, every=5, layers="3", mode="batch", run=tmp_path / "s", weight_metrics=False) as tr:
+            for step in (0, 3, 10, 13, 15, 20):
+                model(torch.randn(32, 10)).sum().backward()
+                tr.step(step)
+    assert list(dimscope.open_run(tmp_path / "s").metric("stable_rank", "3").index) == [0, 15, 20]
+
+
+def test_probe_features_are_seen_before_an_in_place_op():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 16), nn.ReLU(inplace=True), nn.Linear(16, 4))
+    probe = torch.randn(64, 10)
+    with dimscope.Tracker(model, probe=probe, layers="0", background=False, weight_metrics=False) as tr:
+        got = tr.step(0)[("0", "stable_rank")]
+    with torch.no_grad():
+        want = dimscope.stable_rank(dimscope.spectrum(model[0](probe)))
+    assert got == pytest.approx(want, rel=1e-9)

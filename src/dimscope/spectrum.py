@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["Spectrum", "spectrum", "spectrum_from_gram", "weight_spectrum", "NonFiniteError"]
+__all__ = ["Spectrum", "spectrum", "spectrum_from_gram", "weight_spectrum", "gram_spectra_numpy", "NonFiniteError"]
 
 # Relative size below which a negative eigenvalue is round-off (clamped to 0); beyond it an error.
 _NEG_TOL = 1e-9
@@ -97,21 +97,64 @@ def _as_matrix(X: Any) -> torch.Tensor:
     return X
 
 
-def _eigvalsh_desc(G: torch.Tensor) -> np.ndarray:
-    """Eigenvalues of a symmetric float64 matrix, descending, negatives from round-off clamped."""
-    G = 0.5 * (G + G.T)
-    ev = torch.linalg.eigvalsh(G).flip(0).cpu().numpy()
+def _clean_eigenvalues(ev: np.ndarray, size: int) -> np.ndarray:
+    """Descending eigenvalues of a size x size symmetric PSD matrix: round-off negatives clamped."""
     scale = max(float(ev[0]) if len(ev) else 0.0, 0.0)
     most_negative = float(ev.min()) if len(ev) else 0.0
-    if most_negative < 0 and -most_negative > _NEG_TOL * max(scale, 1e-300) * max(G.shape[0], 1) and -most_negative > 1e-12:
+    if most_negative < 0 and -most_negative > _NEG_TOL * max(scale, 1e-300) * max(size, 1) and -most_negative > 1e-12:
         raise ValueError(
             f"The Gram matrix has a large negative eigenvalue ({most_negative:.3e}, largest {scale:.3e}); "
             "it is not positive semi-definite."
         )
     ev = np.clip(ev, 0.0, None)
     # Eigenvalues under the float64 round-off level of this matrix are zero, not signal.
-    ev[ev < G.shape[0] * np.finfo(np.float64).eps * scale] = 0.0
+    ev[ev < size * np.finfo(np.float64).eps * scale] = 0.0
     return ev
+
+
+def _eigvalsh_desc(G: torch.Tensor) -> np.ndarray:
+    """Eigenvalues of a symmetric float64 matrix, descending, negatives from round-off clamped."""
+    G = 0.5 * (G + G.T)
+    return _clean_eigenvalues(torch.linalg.eigvalsh(G).flip(0).cpu().numpy(), G.shape[0])
+
+
+def gram_spectra_numpy(
+    arrays: list[np.ndarray], *, center: bool, normalize: bool = True
+) -> list[Spectrum | NonFiniteError]:
+    """:func:`spectrum` (``normalize=True``) or :func:`weight_spectrum` (``normalize=False``,
+    uncentered) of many CPU arrays at once, with numpy in float64.
+
+    Arrays of one shape are stacked: one centering, one batched Gram product and one batched
+    ``eigvalsh`` per shape, so many small spectra cost little more than their arithmetic. The same
+    numbers as the torch path to round-off. An array holding NaN or Inf gets a
+    :class:`NonFiniteError` in its place instead of a spectrum. This is the kernel of the Tracker's
+    batched measurements.
+    """
+    out: list[Spectrum | NonFiniteError] = [NonFiniteError("The feature matrix holds NaN or Inf values.")] * len(arrays)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, a in enumerate(arrays):
+        if a.ndim != 2:
+            raise ValueError(f"gram_spectra_numpy needs 2-D arrays (samples x features). Got shape {a.shape}.")
+        groups.setdefault(a.shape, []).append(i)
+    for (n, d), idx in groups.items():
+        X = np.stack([arrays[i] for i in idx]).astype(np.float64, copy=False)  # a private float64 copy
+        finite = np.isfinite(X).all(axis=(1, 2))
+        if not finite.all():
+            idx = [i for i, ok in zip(idx, finite) if ok]
+            X = X[finite]
+            if not idx:
+                continue
+        if center:
+            X -= X.mean(axis=1, keepdims=True)
+        Xt = X.transpose(0, 2, 1)
+        G = X @ Xt if n <= d else Xt @ X
+        if normalize:
+            G /= float(max(n - (1 if center else 0), 1))
+        evs = np.linalg.eigvalsh(G)[:, ::-1]  # reads one triangle: no symmetrisation needed
+        m = max(0, min(n - (1 if center else 0), d))
+        for i, ev in zip(idx, evs):
+            out[i] = Spectrum(_clean_eigenvalues(np.ascontiguousarray(ev), G.shape[1])[:m].copy(), n, d, center)
+    return out
 
 
 def spectrum_from_gram(

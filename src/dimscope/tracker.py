@@ -16,12 +16,20 @@ Tracker's construction to :meth:`Tracker.close`. ``("probe", "batch")`` records 
 
 Where the work happens
 ----------------------
-The training thread runs the probe forward and copies the features; the eigendecompositions,
-metrics and SQLite writes run on one background thread (``background=True``, the default) with a
-bounded queue, so a slow measurement applies back-pressure instead of growing memory. With
-``background=False`` everything runs inline and :meth:`Tracker.step` returns the measured values.
-:meth:`Tracker.close` (and the context manager's exit, also on an exception) waits for every
-queued measurement to be written and committed.
+The training thread runs the probe forward and copies the features. The eigendecompositions,
+metrics and SQLite writes then run in one of three places (``background``):
+
+* ``"batched"`` (the default on a CPU whose cores torch already uses): measurements are buffered
+  and, at each commit (every ``commit_every`` measurements or ``commit_seconds``), their spectra
+  are computed together on a few threads with one BLAS thread each, largest first, and written
+  with one commit. A thread running beside training would stall torch's OpenMP workers, which spin
+  on the other cores between ops; a burst at the commit does not.
+* ``True`` (the default on an accelerator, or when torch leaves CPU cores free): one background
+  thread with a bounded queue, so a slow measurement applies back-pressure instead of growing memory.
+* ``False``: everything inline at the measured step, and :meth:`Tracker.step` returns the values.
+
+:meth:`Tracker.close` (and the context manager's exit, also on an exception) computes and commits
+every buffered or queued measurement; a SIGKILL loses at most the measurements since the last commit.
 """
 
 from __future__ import annotations
@@ -46,12 +54,52 @@ from . import __version__
 from ._validation import check_choice, check_int
 from .capture import LayerSelection, capture, iter_layer_weights, resolve_layers, to_features
 from .metrics import DEFINITIONS, _normalize_metric_spec, compute_metrics
-from .spectrum import NonFiniteError, Spectrum, spectrum, weight_spectrum
+from .spectrum import NonFiniteError, Spectrum, gram_spectra_numpy, spectrum, weight_spectrum
 from .store import RunStore
 
 __all__ = ["Tracker", "TrackerExtension", "probe_forward"]
 
 _Row = tuple[int, float, str, str, float, str, str]
+
+# A batched flush computes at most this many bytes of buffered features at once by default.
+_MAX_PENDING_BYTES = 256 * 2**20
+
+
+class _Measurement:
+    """What one measurement captured on the training thread, waiting for its spectra."""
+
+    __slots__ = ("step", "now", "feats", "weights", "rows", "jobs")
+
+    def __init__(self, step: int, now: float, feats: dict[str, dict[str, torch.Tensor]], weights: dict[str, torch.Tensor],
+                 rows: list[_Row], jobs: list[Callable[[], None]]) -> None:
+        self.step, self.now, self.feats, self.weights, self.rows, self.jobs = step, now, feats, weights, rows, jobs
+
+    def tensors(self) -> Iterable[torch.Tensor]:
+        for layer_feats in self.feats.values():
+            yield from layer_feats.values()
+        yield from self.weights.values()
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+
+_BLAS_CONTROLLER: Any = None
+
+
+def _one_blas_thread() -> Any:
+    """A context in which numpy/scipy's BLAS uses one thread (threads of their own would fight
+    torch's OpenMP workers, which spin on the other cores between training ops)."""
+    global _BLAS_CONTROLLER
+    try:
+        if _BLAS_CONTROLLER is None:
+            from threadpoolctl import ThreadpoolController
+
+            _BLAS_CONTROLLER = ThreadpoolController()
+        return _BLAS_CONTROLLER.limit(limits=1, user_api="blas")
+    except Exception:  # pragma: no cover - threadpoolctl missing or unable to inspect the libraries
+        import contextlib
+
+        return contextlib.nullcontext()
 
 
 class TrackerExtension:
@@ -147,7 +195,8 @@ def probe_forward(
     chunks: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
     model.eval()
     try:
-        with torch.no_grad(), capture(model, layers) as cap:
+        # clone: an in-place op later in the forward (ReLU(inplace=True)) must not change what was seen
+        with torch.no_grad(), capture(model, layers, clone=True) as cap:
             for a in range(0, n, bs):
                 cap.clear()
                 _call(model, _slice_probe(probe, a, min(a + bs, n), device))
@@ -242,8 +291,11 @@ class Tracker:
     probe_batch_size:
         Run the probe forward in chunks of this many inputs.
     background:
-        Run eigendecompositions and writes on a background thread: True, False, or ``"auto"``
-        (default: a thread only when the model is on an accelerator or torch leaves CPU cores free).
+        Where the spectra are computed (see "Where the work happens" in the module docstring):
+        ``True`` a background thread; ``False`` inline at each measured step (then :meth:`step`
+        returns the values); ``"batched"`` buffered and computed together at each commit; ``"auto"``
+        (default) a thread when the model is on an accelerator or torch leaves CPU cores free,
+        else ``"batched"``.
     overwrite:
         Start an existing run afresh instead of appending to it.
     commit_every, commit_seconds:
@@ -343,7 +395,15 @@ class Tracker:
         if "batch" in modes:
             self._batch_capture = capture(model, self.layers, clone=True, only_grad=True)
             self._batch_capture.__enter__()
-        self.background = self._resolve_background(background)
+        where = self._resolve_background(background)
+        self.background = where == "thread"
+        self.batched = where == "batched"
+        self._pending: list[_Measurement] = []
+        self._pending_bytes = 0
+        self._pending_since = 0.0
+        self._batch_size = commit_every
+        self._batch_seconds = commit_seconds
+        self._batch_armed_always = False
         self._worker = _Worker(queue_size) if self.background else None
         atexit.register(self._atexit)
         for ext in extensions:
@@ -390,21 +450,28 @@ class Tracker:
         self.store.set_manifest(entries)
         self.store.commit()
 
-    def _resolve_background(self, background: bool | str) -> bool:
-        """``"auto"``: a measurement thread only where it does not compete with training for cores.
+    def _resolve_background(self, background: bool | str) -> str:
+        """``"thread"``, ``"inline"`` or ``"batched"``.
 
-        On CPU, when torch already uses every core, a second busy thread stalls torch's OpenMP
-        workers and costs more than measuring inline (measured in benchmarks/overhead.py).
+        ``"auto"`` uses a measurement thread only where it does not compete with training for
+        cores. On CPU, when torch already uses every core, its OpenMP workers spin between ops and
+        a second busy thread stalls them (measured in benchmarks/overhead.py); there the spectra
+        are batched instead.
         """
         if background == "auto":
             try:
                 on_cpu = next(self.model.parameters()).device.type == "cpu"
             except StopIteration:
                 on_cpu = True
-            return (not on_cpu) or torch.get_num_threads() < (os.cpu_count() or 1)
+            free_cores = torch.get_num_threads() < (os.cpu_count() or 1)
+            return "thread" if (not on_cpu) or free_cores else "batched"
+        if background == "batched":
+            return "batched"
         if not isinstance(background, bool):
-            raise ValueError(f"The 'background' parameter of Tracker must be True, False or 'auto'. Got {background!r} instead.")
-        return background
+            raise ValueError(
+                f"The 'background' parameter of Tracker must be True, False, 'batched' or 'auto'. Got {background!r} instead."
+            )
+        return "thread" if background else "inline"
 
     @staticmethod
     def convention_name(mode: str, convention: str) -> str:
@@ -427,7 +494,8 @@ class Tracker:
         """
         if self.closed:
             raise RuntimeError("This Tracker is closed; create a new one to keep measuring.")
-        step = check_int(step, "step", min_value=0, owner="Tracker.step")
+        if type(step) is not int or step < 0:  # the check costs a few µs: only off the fast path
+            step = check_int(step, "step", min_value=0, owner="Tracker.step")
         self._drain_main_calls()
         now = time.time()
         if loss is not None:
@@ -438,11 +506,18 @@ class Tracker:
         for ext in self.extensions:
             ext.on_step(self, step, measuring)
         self.last_step = step
-        if not measuring:
-            if len(self._train_rows) >= 2048:
-                self._submit(self._flush_rows_job(self._take_train_rows()))
-            return None
-        return self._measure(step, now)
+        try:
+            if not measuring:
+                if self._pending and time.monotonic() - self._pending_since >= self._batch_seconds:
+                    self._flush_pending()
+                if len(self._train_rows) >= 2048:
+                    self._submit(self._flush_rows_job(self._take_train_rows()))
+                return None
+            return self._measure(step, now)
+        finally:
+            if self._batch_capture is not None and not self._batch_armed_always:
+                # Copy the training forward's activations only before a step that will be measured.
+                self._batch_capture.enabled = (step + 1) % self.every == 0
 
     def _take_train_rows(self) -> list[_Row]:
         rows, self._train_rows = self._train_rows, []
@@ -457,13 +532,24 @@ class Tracker:
 
         return job
 
-    def _collect_features(self) -> dict[str, dict[str, torch.Tensor]]:
+    def _collect_features(self, step: int) -> dict[str, dict[str, torch.Tensor]]:
         feats: dict[str, dict[str, torch.Tensor]] = {}
         if "probe" in self.modes:
             feats["probe"] = self._probe_features()
         if "batch" in self.modes and self._batch_capture is not None:
             outs = dict(self._batch_capture.outputs)
-            if not outs:
+            if not outs and not self._batch_capture.enabled:
+                # The steps are not consecutive (or ``force`` measured off the schedule), so the
+                # forward before this step was not recorded: record every training forward from now on.
+                self._batch_armed_always = True
+                self._batch_capture.enabled = True
+                warnings.warn(
+                    f"dimscope: batch mode did not record the training forward before step {step} (the steps "
+                    "passed to Tracker.step are not consecutive); recording every training forward from now on.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            elif not outs:
                 warnings.warn(
                     "dimscope: batch mode found no training forward to measure (no forward with grad "
                     "enabled since the last measurement).",
@@ -487,7 +573,7 @@ class Tracker:
         return float(torch.linalg.vector_norm(torch.stack([n.to(torch.float64) for n in norms])))
 
     def _measure(self, step: int, now: float) -> dict[tuple[str, str], float] | None:
-        feats = self._collect_features()
+        feats = self._collect_features(step)
         weights: dict[str, torch.Tensor] = {}
         if self.weight_metrics and step % self.weight_every == 0:
             weights = {name: w.detach().clone() for name, w in iter_layer_weights(self.model, self.layers)}
@@ -499,22 +585,90 @@ class Tracker:
             j = ext.on_features(self, step, flat)
             if j is not None:
                 extra_jobs.append(j)
-        rows = self._take_train_rows()
+        m = _Measurement(step, now, feats, weights, self._take_train_rows(), extra_jobs)
+        self.n_measurements += 1
+        if self.batched:
+            if not self._pending:
+                self._pending_since = time.monotonic()
+            self._pending.append(m)
+            self._pending_bytes += m.nbytes()
+            if len(self._pending) >= self._batch_size or self._pending_bytes >= _MAX_PENDING_BYTES:
+                self._flush_pending()
+            return None
         result: dict[tuple[str, str], float] = {}
 
         def job() -> None:
-            values = self._compute(step, now, feats, weights, rows)
-            for j in extra_jobs:
-                j()
-            for ext in self.extensions:
-                ext.on_metrics(self, step, values)
+            result.update(self._finish(m, None))
             if self.store is not None:
                 self.store.measurement_done()
-            result.update(values)
 
-        self.n_measurements += 1
         self._submit(job)
         return result if self._worker is None else None
+
+    def _finish(self, m: _Measurement, spectra: dict[tuple[int, bool | None], Spectrum | BaseException] | None) -> dict[tuple[str, str], float]:
+        """Metrics, rows and extension callbacks of one measurement (``spectra``: precomputed)."""
+        values = self._compute(m.step, m.now, m.feats, m.weights, m.rows, spectra)
+        for j in m.jobs:
+            j()
+        for ext in self.extensions:
+            ext.on_metrics(self, m.step, values)
+        return values
+
+    def _flush_pending(self) -> None:
+        """Compute the buffered measurements' spectra together, write them, commit."""
+        pending, self._pending, self._pending_bytes = self._pending, [], 0
+        if not pending:
+            return
+        spectra = self._batch_spectra(pending)
+        for m in pending:
+            _run_job(lambda m=m: self._finish(m, spectra), self.errors)
+        if self.store is not None and not self.store.closed:
+            self.store.commit()
+
+    def _batch_spectra(self, pending: list[_Measurement]) -> dict[tuple[int, bool | None], Spectrum | BaseException]:
+        """Every spectrum of ``pending``, keyed by (id of the tensor, centered; None for weights).
+
+        CPU features go to :func:`~dimscope.spectrum.gram_spectra_numpy` (stacked by shape, one BLAS
+        thread); a subclass that overrides
+        :meth:`features_to_spectrum` (or features on an accelerator) is served in order, one by one.
+        """
+        tasks: list[tuple[tuple[int, bool | None], torch.Tensor, bool | None]] = []
+        for m in pending:
+            for layer_feats in m.feats.values():
+                for X in layer_feats.values():
+                    for conv in self.conventions:
+                        tasks.append(((id(X), conv == "centered"), X, conv == "centered"))
+            for W in m.weights.values():
+                tasks.append(((id(W), None), W, None))
+        out: dict[tuple[int, bool | None], Spectrum | BaseException] = {}
+        own_kernel = type(self).features_to_spectrum is Tracker.features_to_spectrum
+        if not (own_kernel and all(t.device.type == "cpu" for _, t, _ in tasks)):
+            for key, t, center in tasks:
+                try:
+                    out[key] = weight_spectrum(t) if center is None else self.features_to_spectrum(t, center)
+                except Exception as e:  # noqa: BLE001 - reported when the measurement is finished
+                    out[key] = e
+            return out
+
+        # Same-shape features are stacked by the kernel; threads would not help here (numpy's
+        # eigendecompositions did not run faster side by side on the 2-core benchmark machine).
+        for center in (True, False, None):
+            group = [(key, t) for key, t, c in tasks if c is center]
+            if not group:
+                continue
+            arrays = []
+            for _, t in group:
+                a = t.detach()
+                if a.dtype not in (torch.float32, torch.float64):
+                    a = a.float()
+                arrays.append(a.reshape(a.shape[0], -1).numpy())
+            try:
+                with _one_blas_thread():
+                    specs: list[Any] = gram_spectra_numpy(arrays, center=bool(center), normalize=center is not None)
+            except Exception as e:  # noqa: BLE001 - reported when each measurement is finished
+                specs = [e] * len(group)
+            out.update((key, spec) for (key, _), spec in zip(group, specs))
+        return out
 
     def _submit(self, job: Callable[[], None]) -> None:
         if self._worker is None:
@@ -534,6 +688,7 @@ class Tracker:
         feats: dict[str, dict[str, torch.Tensor]],
         weights: dict[str, torch.Tensor],
         train_rows: list[_Row],
+        spectra: dict[tuple[int, bool | None], Spectrum | BaseException] | None = None,
     ) -> dict[tuple[str, str], float]:
         rows: list[_Row] = list(train_rows)
         values: dict[tuple[str, str], float] = {}
@@ -542,7 +697,9 @@ class Tracker:
             for layer, X in layer_feats.items():
                 for conv_name in self.conventions:
                     cname = self.convention_name(mode, conv_name)
-                    spec = self._safe_spectrum(X, conv_name == "centered", layer, step)
+                    center = conv_name == "centered"
+                    pre = spectra.get((id(X), center)) if spectra is not None else None
+                    spec = self._safe_spectrum(X, center, layer, step, pre)
                     vals = self._metrics_of(spec)
                     for metric, v in vals.items():
                         rows.append((step, now, layer, metric, v, "activation", cname))
@@ -552,7 +709,10 @@ class Tracker:
                         self.store.add_spectrum(step, now, layer, spec, space="activation", convention=cname, top_k=self.top_k)
         for layer, W in weights.items():
             try:
-                spec = weight_spectrum(W)
+                pre = spectra.get((id(W), None)) if spectra is not None else None
+                if isinstance(pre, BaseException):
+                    raise pre
+                spec = pre if pre is not None else weight_spectrum(W)
             except NonFiniteError:
                 spec = None
             vals = self._metrics_of(spec)
@@ -570,9 +730,13 @@ class Tracker:
         self.latest = values
         return values
 
-    def _safe_spectrum(self, X: torch.Tensor, center: bool, layer: str, step: int) -> Spectrum | None:
+    def _safe_spectrum(
+        self, X: torch.Tensor, center: bool, layer: str, step: int, pre: Spectrum | BaseException | None = None
+    ) -> Spectrum | None:
         try:
-            return self.features_to_spectrum(X, center)
+            if isinstance(pre, BaseException):
+                raise pre
+            return pre if pre is not None else self.features_to_spectrum(X, center)
         except NonFiniteError:
             if layer not in self._nonfinite_warned:
                 self._nonfinite_warned.add(layer)
@@ -591,6 +755,8 @@ class Tracker:
 
     # -- ending ----------------------------------------------------------------------------------
     def _drain_main_calls(self) -> None:
+        if self._main_calls.empty():
+            return
         while True:
             try:
                 fn = self._main_calls.get_nowait()
@@ -600,6 +766,7 @@ class Tracker:
 
     def flush(self) -> None:
         """Wait until every queued measurement is computed and written, then commit."""
+        self._flush_pending()
         rows = self._take_train_rows()
         if rows:
             self._submit(self._flush_rows_job(rows))
