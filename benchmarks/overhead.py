@@ -1,11 +1,13 @@
 """Training-time overhead of dimscope, and of ndtracker 2.0.0, as ratios measured side by side.
 
 Setup (REFERENCE.md §2 / issue 2): MLP 784-256-128-10 (ReLU), Adam 1e-3, batch 64, random inputs,
-the three Linear layers tracked, dimscope with its defaults. Configurations are interleaved (each
-repeat runs every configuration once, in a shuffled order) and each time is divided by the
-untracked time of the same repeat; the median of those ratios is reported. The shared 2-core
-machine this was written on changes speed by up to 2x from one second to the next, and pairing
-within a repeat is what keeps that out of the ratios. Each timed block includes the
+the three Linear layers tracked, dimscope with its defaults. In each repeat every configuration
+trains on the same batches, and the configurations take turns block by block (``--block`` steps
+each, in a shuffled order), so a change in machine speed hits all of them alike; each total time
+(tracker construction and close included) is divided by the untracked total of the same repeat,
+and the median over repeats is reported. The shared 2-core machine this was written on changes
+speed by up to 2x within seconds; whole runs one after another gave interquartile ranges of
+±10 points, block interleaving a few points. Each timed block includes the
 tracker's close(), i.e. every queued measurement is computed and written.
 
     python benchmarks/overhead.py [--steps 400] [--repeats 5]
@@ -36,46 +38,73 @@ def make_model(seed: int = 0) -> nn.Sequential:
     return nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10))
 
 
-def train(model: nn.Module, batches, on_step) -> None:
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for step, (x, y) in enumerate(batches):
-        opt.zero_grad(set_to_none=True)
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        on_step(step, loss)
+class Job:
+    """One configuration's training run, advanced a block of steps at a time."""
+
+    def __init__(self, name: str, probe: torch.Tensor, tmp: Path) -> None:
+        self.name, self.probe, self.tmp = name, probe, tmp
+        self.model = make_model()
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-3)
+        self.on_step = None
+        self.close = lambda: None
+
+    def start(self) -> None:
+        name, model = self.name, self.model
+        if name == "untracked":
+            self.on_step = lambda s, l: l.item()
+        elif name.startswith("dimscope"):
+            _, mode, every = name.split(":")
+            # batch mode at ndtracker's settings: the same three layers, its four metrics, no weight spectra
+            ndt_like = dict(mode="batch", weight_metrics=False, metrics=["stable_rank", "participation_ratio", "energy_rank", "nuclear_ratio"])
+            kw = dict(probe=self.probe) if mode == "probe" else ndt_like
+            tr = dimscope.Tracker(model, every=int(every), layers=LAYERS, run=str(self.tmp / f"{name.replace(':', '_')}_{time.time_ns()}"), **kw)
+            self.on_step = lambda s, l: tr.step(s, loss=l.item())
+            self.close = tr.close
+        elif name.startswith("ndtracker"):
+            from ndt import HighFrequencyTracker
+
+            mods = dict(model.named_modules())
+            tr = HighFrequencyTracker(model, layers=[mods[n] for n in LAYERS], layer_names=LAYERS,
+                                      sampling_frequency=int(name.split(":")[1]), enable_jump_detection=False)
+            self.on_step = lambda s, l: tr.log(s, l.item())
+            self.close = tr.close
+        else:
+            raise ValueError(name)
+
+    def run(self, batches, first_step: int) -> None:
+        model, opt = self.model, self.opt
+        for i, (x, y) in enumerate(batches):
+            opt.zero_grad(set_to_none=True)
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            self.on_step(first_step + i, loss)
 
 
-def run_config(name: str, batches, probe, tmp: Path) -> float:
-    model = make_model()
-    t0 = time.perf_counter()
-    if name == "untracked":
-        train(model, batches, lambda s, l: l.item())
-    elif name.startswith("dimscope"):
-        _, mode, every = name.split(":")
-        # batch mode at ndtracker's settings: the same three layers, its four metrics, no weight spectra
-        ndt_like = dict(mode="batch", weight_metrics=False, metrics=["stable_rank", "participation_ratio", "energy_rank", "nuclear_ratio"])
-        kw = dict(probe=probe) if mode == "probe" else ndt_like
-        tr = dimscope.Tracker(model, every=int(every), layers=LAYERS, run=str(tmp / f"{name.replace(':', '_')}_{time.time_ns()}"), **kw)
-        train(model, batches, lambda s, l: tr.step(s, loss=l.item()))
-        tr.close()
-    elif name.startswith("ndtracker"):
-        from ndt import HighFrequencyTracker
-
-        every = int(name.split(":")[1])
-        mods = dict(model.named_modules())
-        tr = HighFrequencyTracker(model, layers=[mods[n] for n in LAYERS], layer_names=LAYERS, sampling_frequency=every, enable_jump_detection=False)
-        train(model, batches, lambda s, l: tr.log(s, l.item()))
-        tr.close()
-    else:
-        raise ValueError(name)
-    return time.perf_counter() - t0
+def one_repeat(configs: list[str], batches, probe, tmp: Path, block: int, rng: random.Random) -> dict[str, float]:
+    """Every configuration trains on the same batches, interleaved block by block in a shuffled
+    order; returns each one's total time (tracker construction and close included)."""
+    jobs = {c: Job(c, probe, tmp) for c in configs}
+    total = dict.fromkeys(configs, 0.0)
+    for a in range(0, len(batches), block):
+        order = configs[:]
+        rng.shuffle(order)
+        for c in order:
+            t0 = time.perf_counter()
+            if a == 0:
+                jobs[c].start()
+            jobs[c].run(batches[a : a + block], a)
+            if a + block >= len(batches):
+                jobs[c].close()
+            total[c] += time.perf_counter() - t0
+    return total
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--block", type=int, default=50, help="steps each configuration runs before the next one's turn")
     args = ap.parse_args()
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randn(64, 784, generator=g), torch.randint(0, 10, (64,), generator=g)) for _ in range(args.steps)]
@@ -90,14 +119,11 @@ def main() -> None:
     times: dict[str, list[float]] = {c: [] for c in configs}
     rng = random.Random(0)
     with tempfile.TemporaryDirectory() as d:
-        for c in configs:  # warm-up
-            run_config(c, batches[:20], probe, Path(d))
-        for r in range(args.repeats):
-            order = configs[:]
-            rng.shuffle(order)
-            for c in order:
-                times[c].append(run_config(c, batches, probe, Path(d)))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.steps} steps x {args.repeats} interleaved repeats")
+        one_repeat(configs, batches[: 2 * args.block], probe, Path(d), args.block, rng)  # warm-up
+        for _ in range(args.repeats):
+            for c, t in one_repeat(configs, batches, probe, Path(d), args.block, rng).items():
+                times[c].append(t)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.steps} steps x {args.repeats} repeats, interleaved in blocks of {args.block} steps")
     print("added time: the median over repeats of (time / the same repeat's untracked time - 1), with its interquartile range")
     print(f"{'configuration':<22}{'median s':>10}{'added':>10}{'IQR':>20}")
     added = {}

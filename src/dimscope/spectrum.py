@@ -137,7 +137,9 @@ def gram_spectra_numpy(
             raise ValueError(f"gram_spectra_numpy needs 2-D arrays (samples x features). Got shape {a.shape}.")
         groups.setdefault(a.shape, []).append(i)
     for (n, d), idx in groups.items():
-        X = np.stack([arrays[i] for i in idx]).astype(np.float64, copy=False)  # a private float64 copy
+        X = np.empty((len(idx), n, d), dtype=np.float64)  # a private float64 copy, cast in one pass
+        for j, i in enumerate(idx):
+            X[j] = arrays[i]
         finite = np.isfinite(X).all(axis=(1, 2))
         if not finite.all():
             idx = [i for i, ok in zip(idx, finite) if ok]
@@ -153,7 +155,7 @@ def gram_spectra_numpy(
         evs = np.linalg.eigvalsh(G)[:, ::-1]  # reads one triangle: no symmetrisation needed
         m = max(0, min(n - (1 if center else 0), d))
         for i, ev in zip(idx, evs):
-            out[i] = Spectrum(_clean_eigenvalues(np.ascontiguousarray(ev), G.shape[1])[:m].copy(), n, d, center)
+            out[i] = Spectrum(_clean_eigenvalues(ev[:m].copy(), G.shape[1]), n, d, center)
     return out
 
 

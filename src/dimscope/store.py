@@ -153,15 +153,19 @@ class RunStore:
     def add_spectrum(
         self, step: int, wall_time: float, layer: str, spec: Spectrum, *, space: str, convention: str, top_k: int | None = None
     ) -> None:
-        vals = spec.values if top_k is None else spec.values[:top_k]
+        self.add_spectra([(step, wall_time, layer, spec, space, convention)], top_k=top_k)
+
+    def add_spectra(self, items: Iterable[tuple[int, float, str, Spectrum, str, str]], *, top_k: int | None = None) -> None:
+        """Many spectra in one statement: (step, wall_time, layer, spectrum, space, convention)."""
+        rows = []
+        for step, wall_time, layer, spec, space, convention in items:
+            vals = spec.values if top_k is None else spec.values[:top_k]
+            rows.append((
+                int(step), wall_time, layer, space, convention, spec.n_samples, spec.n_features,
+                int(spec.centered), float(spec.trace), len(vals), np.ascontiguousarray(vals, dtype="<f8").tobytes(),
+            ))
         with self._lock:
-            self._con.execute(
-                "INSERT INTO spectra VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    int(step), wall_time, layer, space, convention, spec.n_samples, spec.n_features,
-                    int(spec.centered), float(spec.trace), len(vals), np.ascontiguousarray(vals, dtype="<f8").tobytes(),
-                ),
-            )
+            self._con.executemany("INSERT INTO spectra VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
     def add_event(
         self, step: int | None, kind: str, *, layer: str | None = None, metric: str | None = None,

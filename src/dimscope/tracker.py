@@ -691,6 +691,7 @@ class Tracker:
         spectra: dict[tuple[int, bool | None], Spectrum | BaseException] | None = None,
     ) -> dict[tuple[str, str], float]:
         rows: list[_Row] = list(train_rows)
+        specs: list[tuple[int, float, str, Spectrum, str, str]] = []  # to store
         values: dict[tuple[str, str], float] = {}
         primary = self.convention_name(self.modes[0], self.conventions[0])
         for mode, layer_feats in feats.items():
@@ -705,8 +706,8 @@ class Tracker:
                         rows.append((step, now, layer, metric, v, "activation", cname))
                         if cname == primary:
                             values[(layer, metric)] = v
-                    if spec is not None and self.store is not None and self.store_spectra:
-                        self.store.add_spectrum(step, now, layer, spec, space="activation", convention=cname, top_k=self.top_k)
+                    if spec is not None:
+                        specs.append((step, now, layer, spec, "activation", cname))
         for layer, W in weights.items():
             try:
                 pre = spectra.get((id(W), None)) if spectra is not None else None
@@ -719,12 +720,14 @@ class Tracker:
             for metric, v in vals.items():
                 rows.append((step, now, layer, metric, v, "weight", "weight"))
                 values[(layer, f"weight/{metric}")] = v
-            if spec is not None and self.store is not None and self.store_spectra:
-                self.store.add_spectrum(step, now, layer, spec, space="weight", convention="weight", top_k=self.top_k)
+            if spec is not None:
+                specs.append((step, now, layer, spec, "weight", "weight"))
         for r in train_rows:
             values[("", r[3])] = r[4]
         if self.store is not None:
             self.store.add_scalars(rows)
+            if self.store_spectra:
+                self.store.add_spectra(specs, top_k=self.top_k)
         else:
             self.history.extend(dict(zip(("step", "wall_time", "layer", "metric", "value", "space", "convention"), r)) for r in rows)
         self.latest = values
