@@ -100,6 +100,36 @@ def one_repeat(configs: list[str], batches, probe, tmp: Path, block: int, rng: r
     return total
 
 
+def floor(model_step: float, probe: torch.Tensor, n: int = 30) -> None:
+    """What one probe measurement cannot avoid: the probe forward and the float64 spectra of its
+    three layers (and, every 10th measurement, of the two weight matrices), timed alone."""
+    from dimscope.spectrum import gram_spectra_numpy
+    from dimscope.tracker import _one_blas_thread, probe_forward
+
+    model = make_model()
+
+    def best(f) -> float:
+        f()
+        ts = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            f()
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts)
+
+    outs = probe_forward(model, probe, LAYERS)
+    feats = [t.numpy() for t in outs.values()]
+    weights = [model[i].weight.detach().numpy() for i in (0, 2)]
+    with _one_blas_thread():
+        t_fwd = best(lambda: probe_forward(model, probe, LAYERS))
+        t_spec = best(lambda: [gram_spectra_numpy([x], center=True) for x in feats])
+        t_w = best(lambda: [gram_spectra_numpy([w], center=False, normalize=False) for w in weights]) / 10
+    per = t_fwd + t_spec + t_w
+    print(f"floor of one probe measurement, timed alone: forward {t_fwd * 1e3:.2f} ms + float64 spectra {t_spec * 1e3:.2f} ms "
+          f"+ weight spectra {t_w * 1e3:.2f} ms (amortized) = {per * 1e3:.2f} ms; an untracked step takes {model_step * 1e3:.2f} ms")
+    print(f"  so probe mode cannot add less than {per / (5 * model_step):.1%} every 5 steps or {per / (50 * model_step):.1%} every 50")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=400)
@@ -135,6 +165,7 @@ def main() -> None:
     print()
     print(f"probe mode every 50 adds {added['dimscope:probe:50']:.1%} (target <= 5%)")
     print(f"probe mode every 5 adds {added['dimscope:probe:5']:.1%} (target <= 50%)")
+    floor(model_step=statistics.median(times["untracked"]) / args.steps, probe=probe)
     if "ndtracker:5" in added:
         ratio = added["dimscope:batch:5"] / added["ndtracker:5"] if added["ndtracker:5"] > 0 else float("nan")
         print(f"batch mode every 5 adds {added['dimscope:batch:5']:.1%}; ndtracker adds {added['ndtracker:5']:.1%}; ratio {ratio:.2f} (target <= 0.20)")

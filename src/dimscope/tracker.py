@@ -105,8 +105,10 @@ def _one_blas_thread() -> Any:
 class TrackerExtension:
     """Base class for things that measure alongside the Tracker (alerts, ε-rank, probes...).
 
-    Every method is optional. ``on_step`` and ``on_features`` run on the training thread;
-    a callable returned by ``on_features`` and ``on_metrics`` run on the measurement thread.
+    Every method is optional. ``on_step`` and ``on_features`` run on the training thread at the
+    measured step; a callable returned by ``on_features`` and ``on_metrics`` run where the spectra
+    are computed: on the measurement thread (``background=True``), inline (``False``), or on the
+    training thread at the next commit (``"batched"``), in the order of the measurements.
     Extensions write through ``tracker.store`` (thread-safe).
     """
 
