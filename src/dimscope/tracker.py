@@ -21,7 +21,7 @@ metrics and SQLite writes then run in one of three places (``background``):
 
 * ``"batched"`` (the default on a CPU whose cores torch already uses): measurements are buffered
   and, at each commit (every ``commit_every`` measurements or ``commit_seconds``), their spectra
-  are computed together on a few threads with one BLAS thread each, largest first, and written
+  are computed together (features of one shape stacked, float64, one BLAS thread) and written
   with one commit. A thread running beside training would stall torch's OpenMP workers, which spin
   on the other cores between ops; a burst at the commit does not.
 * ``True`` (the default on an accelerator, or when torch leaves CPU cores free): one background
@@ -63,6 +63,9 @@ _Row = tuple[int, float, str, str, float, str, str]
 
 # A batched flush computes at most this many bytes of buffered features at once by default.
 _MAX_PENDING_BYTES = 256 * 2**20
+
+# Precomputed spectra of a batched flush: (id of the tensor, centered; None for a weight) -> result.
+_Spectra = dict[tuple[int, bool | None], Spectrum | BaseException]
 
 
 class _Measurement:
@@ -607,7 +610,7 @@ class Tracker:
         self._submit(job)
         return result if self._worker is None else None
 
-    def _finish(self, m: _Measurement, spectra: dict[tuple[int, bool | None], Spectrum | BaseException] | None) -> dict[tuple[str, str], float]:
+    def _finish(self, m: _Measurement, spectra: _Spectra | None) -> dict[tuple[str, str], float]:
         """Metrics, rows and extension callbacks of one measurement (``spectra``: precomputed)."""
         values = self._compute(m.step, m.now, m.feats, m.weights, m.rows, spectra)
         for j in m.jobs:
@@ -627,7 +630,7 @@ class Tracker:
         if self.store is not None and not self.store.closed:
             self.store.commit()
 
-    def _batch_spectra(self, pending: list[_Measurement]) -> dict[tuple[int, bool | None], Spectrum | BaseException]:
+    def _batch_spectra(self, pending: list[_Measurement]) -> _Spectra:
         """Every spectrum of ``pending``, keyed by (id of the tensor, centered; None for weights).
 
         CPU features go to :func:`~dimscope.spectrum.gram_spectra_numpy` (stacked by shape, one BLAS
@@ -642,12 +645,12 @@ class Tracker:
                         tasks.append(((id(X), conv == "centered"), X, conv == "centered"))
             for W in m.weights.values():
                 tasks.append(((id(W), None), W, None))
-        out: dict[tuple[int, bool | None], Spectrum | BaseException] = {}
+        out: _Spectra = {}
         own_kernel = type(self).features_to_spectrum is Tracker.features_to_spectrum
         if not (own_kernel and all(t.device.type == "cpu" for _, t, _ in tasks)):
             for key, t, center in tasks:
                 try:
-                    out[key] = weight_spectrum(t) if center is None else self.features_to_spectrum(t, center)
+                    out[key] = self._spectrum_of(t, center)
                 except Exception as e:  # noqa: BLE001 - reported when the measurement is finished
                     out[key] = e
             return out
@@ -690,7 +693,7 @@ class Tracker:
         feats: dict[str, dict[str, torch.Tensor]],
         weights: dict[str, torch.Tensor],
         train_rows: list[_Row],
-        spectra: dict[tuple[int, bool | None], Spectrum | BaseException] | None = None,
+        spectra: _Spectra | None = None,
     ) -> dict[tuple[str, str], float]:
         rows: list[_Row] = list(train_rows)
         specs: list[tuple[int, float, str, Spectrum, str, str]] = []  # to store
@@ -700,9 +703,7 @@ class Tracker:
             for layer, X in layer_feats.items():
                 for conv_name in self.conventions:
                     cname = self.convention_name(mode, conv_name)
-                    center = conv_name == "centered"
-                    pre = spectra.get((id(X), center)) if spectra is not None else None
-                    spec = self._safe_spectrum(X, center, layer, step, pre)
+                    spec = self._safe_spectrum(X, conv_name == "centered", layer, step, spectra)
                     vals = self._metrics_of(spec)
                     for metric, v in vals.items():
                         rows.append((step, now, layer, metric, v, "activation", cname))
@@ -712,10 +713,7 @@ class Tracker:
                         specs.append((step, now, layer, spec, "activation", cname))
         for layer, W in weights.items():
             try:
-                pre = spectra.get((id(W), None)) if spectra is not None else None
-                if isinstance(pre, BaseException):
-                    raise pre
-                spec = pre if pre is not None else weight_spectrum(W)
+                spec = self._spectrum_of(W, None, spectra)
             except NonFiniteError:
                 spec = None
             vals = self._metrics_of(spec)
@@ -735,13 +733,19 @@ class Tracker:
         self.latest = values
         return values
 
-    def _safe_spectrum(
-        self, X: torch.Tensor, center: bool, layer: str, step: int, pre: Spectrum | BaseException | None = None
-    ) -> Spectrum | None:
+    def _spectrum_of(self, t: torch.Tensor, center: bool | None, spectra: _Spectra | None = None) -> Spectrum:
+        """The spectrum of features (``center`` True/False) or of a weight (``None``): taken from a
+        batched flush's ``spectra`` when there (a stored failure is raised), else computed now."""
+        pre = spectra.get((id(t), center)) if spectra is not None else None
+        if isinstance(pre, BaseException):
+            raise pre
+        if pre is not None:
+            return pre
+        return weight_spectrum(t) if center is None else self.features_to_spectrum(t, center)
+
+    def _safe_spectrum(self, X: torch.Tensor, center: bool, layer: str, step: int, spectra: _Spectra | None = None) -> Spectrum | None:
         try:
-            if isinstance(pre, BaseException):
-                raise pre
-            return pre if pre is not None else self.features_to_spectrum(X, center)
+            return self._spectrum_of(X, center, spectra)
         except NonFiniteError:
             if layer not in self._nonfinite_warned:
                 self._nonfinite_warned.add(layer)
