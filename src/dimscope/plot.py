@@ -198,6 +198,13 @@ def _shade_phases(ax: Axes, phases: pd.DataFrame) -> set[str]:
     return seen
 
 
+def _shared_step_axis(axes: Any, xscale: str, last: float) -> None:
+    """One column of panels over the same steps: each scaled up to ``last``, the bottom one labelled."""
+    for ax in axes[:, 0]:
+        _apply_xscale(ax, xscale, max(last, 1))
+    axes[-1, 0].set_xlabel(_step_label(xscale))
+
+
 def _apply_xscale(ax: Axes, xscale: str, max_step: float) -> None:
     """``"linear"``, or ``"symlog"``: linear up to the power of ten nearest above ``max_step / 100`` (at least
     10 steps), logarithmic beyond; the linear stretch is as wide as one decade."""
@@ -342,9 +349,7 @@ def plot_layers(
         ax.set_title(f"{_pretty(m)} of every layer ({conv}); dot = minimum", fontsize=9)
         ax.legend(fontsize=7, loc="best", ncol=min(4, len(per)))
     last = max(max(s.index.max() for s in per.values()) for _, per in panels)
-    for ax in axes[:, 0]:
-        _apply_xscale(ax, xscale, max(last, 1))
-    axes[-1, 0].set_xlabel(_step_label(xscale))
+    _shared_step_axis(axes, xscale, last)
     return fig
 
 
@@ -464,9 +469,7 @@ def plot_activation_vs_weight(
         ax.set_title(f"{_layer_label(lay)} · {_pretty(metric)}: activation vs weight space", fontsize=9)
         ax.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="best")
     last = max(max((s.index.max() for s in (a, w) if s is not None and not s.empty), default=1) for _, a, w in pairs)
-    for ax in axes[:, 0]:
-        _apply_xscale(ax, xscale, max(last, 1))
-    axes[-1, 0].set_xlabel(_step_label(xscale))
+    _shared_step_axis(axes, xscale, last)
     return fig
 
 
