@@ -102,11 +102,13 @@ def one_repeat(configs: list[str], batches, probe, tmp: Path, block: int, rng: r
 
 def floor(model_step: float, probe: torch.Tensor, n: int = 30) -> None:
     """What one probe measurement cannot avoid: the probe forward and the float64 spectra of its
-    three layers (and, every 10th measurement, of the two weight matrices), timed alone."""
-    from dimscope.spectrum import gram_spectra_numpy
+    three layers (and, every 10th measurement, of the two weight matrices), timed alone, with the
+    Tracker's kernel and threads."""
+    from dimscope.spectrum import batch_spectra
     from dimscope.tracker import _one_blas_thread, probe_forward
 
     model = make_model()
+    threads = torch.get_num_threads()
 
     def best(f) -> float:
         f()
@@ -118,12 +120,12 @@ def floor(model_step: float, probe: torch.Tensor, n: int = 30) -> None:
         return statistics.median(ts)
 
     outs = probe_forward(model, probe, LAYERS)
-    feats = [t.numpy() for t in outs.values()]
-    weights = [model[i].weight.detach().numpy() for i in (0, 2)]
+    feats = list(outs.values())
+    weights = [model[i].weight.detach() for i in (0, 2)]
     with _one_blas_thread():
         t_fwd = best(lambda: probe_forward(model, probe, LAYERS))
-        t_spec = best(lambda: [gram_spectra_numpy([x], center=True) for x in feats])
-        t_w = best(lambda: [gram_spectra_numpy([w], center=False, normalize=False) for w in weights]) / 10
+        t_spec = best(lambda: batch_spectra([(x, True, True) for x in feats], threads=threads))
+        t_w = best(lambda: batch_spectra([(w, None, True) for w in weights], threads=threads)) / 10
     per = t_fwd + t_spec + t_w
     print(f"floor of one probe measurement, timed alone: forward {t_fwd * 1e3:.2f} ms + float64 spectra {t_spec * 1e3:.2f} ms "
           f"+ weight spectra {t_w * 1e3:.2f} ms (amortized) = {per * 1e3:.2f} ms; an untracked step takes {model_step * 1e3:.2f} ms")

@@ -416,16 +416,17 @@ def test_batched_commits_every_commit_every_measurements_and_after_commit_second
     tr.close()
 
 
-def test_batch_mode_copies_activations_only_before_measured_steps(tmp_path):
+def test_batch_mode_hooks_live_only_before_measured_steps(tmp_path):
     model = mlp()
-    copies = []
+    hooks = []
     with dimscope.Tracker(model, every=5, layers="3", mode="batch", run=tmp_path / "a", weight_metrics=False) as tr:
         g = torch.Generator().manual_seed(0)
         for step in range(12):
-            copies.append(tr._batch_capture.enabled)  # noqa: SLF001 - armed for this step's forward?
+            hooks.append(count_hooks(model))  # a hook on layer 3 for this step's forward?
             model(torch.randn(32, 10, generator=g)).sum().backward()
             tr.step(step)
-    assert copies == [True, False, False, False, False, True, False, False, False, False, True, False]
+    assert hooks == [1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0]
+    assert count_hooks(model) == 0
     assert list(dimscope.open_run(tmp_path / "a").metric("stable_rank", "3").index) == [0, 5, 10]
     # steps that skip the schedule: one warning, then every forward is recorded
     with pytest.warns(RuntimeWarning, match="not consecutive"):

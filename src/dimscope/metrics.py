@@ -43,6 +43,9 @@ __all__ = [
     "DEFAULT_METRICS",
     "DEFINITIONS",
     "compute_metrics",
+    "compute_metrics_batch",
+    "moment_metrics",
+    "MOMENT_METRICS",
     "measure",
     "ndt_participation_ratio",
     "NDT_METRICS",
@@ -58,75 +61,119 @@ def _values(s: Spectrum) -> np.ndarray:
     return s.values
 
 
+# --- the formulas, once: each kernel takes K spectra at once -----------------------------------------
+# V is a (K, m) float64 array of descending, non-negative eigenvalues (one spectrum per row, m >= 0);
+# tr is the (K,) array of their traces (Σλ over *all* eigenvalues, which differs from V.sum(1) only
+# for truncated spectra). Each returns a (K,) float64 array; a spectrum of all zeros gives 0.
+
+
+def _top(V: np.ndarray) -> np.ndarray:
+    return V[:, 0] if V.shape[1] else np.zeros(V.shape[0])
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """num / den where den > 0, else 0."""
+    ok = den > 0
+    return np.where(ok, num / np.where(ok, den, 1.0), 0.0)
+
+
+def stable_rank_from_moments(trace: np.ndarray, top: np.ndarray) -> np.ndarray:
+    """Stable rank from tr C and λ_1 (no spectrum needed)."""
+    return _ratio(trace, top)
+
+
+def participation_ratio_from_moments(trace: np.ndarray, sum_sq: np.ndarray) -> np.ndarray:
+    """Participation ratio from tr C and tr C² = Σλ² = ‖C‖_F² (no spectrum needed)."""
+    return _ratio(trace**2, sum_sq)
+
+
+def _stable_rank_k(V: np.ndarray, tr: np.ndarray) -> np.ndarray:
+    return stable_rank_from_moments(tr, _top(V))
+
+
+def _participation_ratio_k(V: np.ndarray, tr: np.ndarray) -> np.ndarray:
+    return participation_ratio_from_moments(V.sum(axis=1), np.einsum("ij,ij->i", V, V))
+
+
+def _exp_entropy(P: np.ndarray) -> np.ndarray:
+    """exp(−Σ p log p) over each row, terms with p <= 0 left out."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(P > 0, P * np.log(np.where(P > 0, P, 1.0)), 0.0)
+    return np.exp(-terms.sum(axis=1))
+
+
+def _effective_rank_k(V: np.ndarray, tr: np.ndarray) -> np.ndarray:
+    total = V.sum(axis=1)
+    ok = total > 0
+    return np.where(ok, _exp_entropy(V / np.where(ok, total, 1.0)[:, None]), 0.0)
+
+
+def _rankme_k(V: np.ndarray, tr: np.ndarray) -> np.ndarray:
+    S = np.sqrt(V)
+    total = S.sum(axis=1)
+    ok = total > 0
+    return np.where(ok, _exp_entropy(S / np.where(ok, total, 1.0)[:, None] + RANKME_EPS), 0.0)
+
+
+def _eps_rank_k(V: np.ndarray, tr: np.ndarray, eps: float = 1e-3, relative: bool = True) -> np.ndarray:
+    top = _top(V)
+    thr = eps * top if relative else np.full(V.shape[0], float(eps))
+    return np.where(top > 0, np.count_nonzero(V > thr[:, None], axis=1), 0).astype(np.float64)
+
+
+def _energy_rank_k(V: np.ndarray, tr: np.ndarray, q: float = 0.9) -> np.ndarray:
+    if V.shape[1] == 0:
+        return np.zeros(V.shape[0])
+    below = np.cumsum(V, axis=1) < (q * tr * (1.0 - 1e-12))[:, None]  # the cumulative sum is non-decreasing
+    k = np.minimum(np.count_nonzero(below, axis=1) + 1, V.shape[1])
+    return np.where(tr > 0, k, 0).astype(np.float64)
+
+
+def _nuclear_ratio_k(V: np.ndarray, tr: np.ndarray) -> np.ndarray:
+    S = np.sqrt(V)
+    return _ratio(S.sum(axis=1), _top(S))
+
+
+def _one(kernel: Callable[..., np.ndarray], s: Spectrum, **params: Any) -> float:
+    v = _values(s)
+    return float(kernel(v[None, :], np.array([s.trace]), **params)[0])
+
+
 def stable_rank(s: Spectrum) -> float:
     """Σλ / λ_1 (= ‖X‖_F² / ‖X‖_2²)."""
-    v = _values(s)
-    if len(v) == 0 or v[0] <= 0:
-        return 0.0
-    return float(s.trace / v[0])
+    return _one(_stable_rank_k, s)
 
 
 def participation_ratio(s: Spectrum) -> float:
     """(Σλ)² / Σλ² over the eigenvalues."""
-    v = _values(s)
-    sq = float(np.dot(v, v))
-    if sq <= 0:
-        return 0.0
-    return float(v.sum() ** 2 / sq)
-
-
-def _entropy_exp(p: np.ndarray) -> float:
-    p = p[p > 0]
-    return float(np.exp(-np.sum(p * np.log(p))))
+    return _one(_participation_ratio_k, s)
 
 
 def effective_rank(s: Spectrum) -> float:
     """exp of the Shannon entropy of p = λ / Σλ (Roy & Vetterli 2007, on the covariance spectrum)."""
-    v = _values(s)
-    total = v.sum()
-    if total <= 0:
-        return 0.0
-    return _entropy_exp(v / total)
+    return _one(_effective_rank_k, s)
 
 
 def rankme(s: Spectrum) -> float:
     """RankMe (Garrido et al. 2023): exp entropy of p_i = σ_i / Σσ + 1e-7, σ_i = √λ_i."""
-    sv = np.sqrt(_values(s))
-    total = sv.sum()
-    if total <= 0:
-        return 0.0
-    p = sv / total + RANKME_EPS
-    return float(np.exp(-np.sum(p * np.log(p))))
+    return _one(_rankme_k, s)
 
 
 def eps_rank(s: Spectrum, eps: float = 1e-3, relative: bool = True) -> float:
     """#{λ_i > ε·λ_1} if ``relative`` else #{λ_i > ε}."""
     eps = check_float(eps, "eps", low=0.0, owner="eps_rank")
-    v = _values(s)
-    if len(v) == 0 or v[0] <= 0:
-        return 0.0
-    thr = eps * v[0] if relative else eps
-    return float(np.count_nonzero(v > thr))
+    return _one(_eps_rank_k, s, eps=eps, relative=relative)
 
 
 def energy_rank(s: Spectrum, q: float = 0.9) -> float:
     """The smallest k with Σ_{i≤k} λ_i ≥ q·Σλ ("cumulative energy 90" for q = 0.9)."""
     q = check_float(q, "q", low=0.0, high=1.0, low_inclusive=False, owner="energy_rank")
-    v = _values(s)
-    total = s.trace
-    if len(v) == 0 or total <= 0:
-        return 0.0
-    cs = np.cumsum(v)
-    k = int(np.searchsorted(cs, q * total * (1.0 - 1e-12), side="left")) + 1
-    return float(min(k, len(v)))
+    return _one(_energy_rank_k, s, q=q)
 
 
 def nuclear_ratio(s: Spectrum) -> float:
     """Σσ / σ_1."""
-    sv = np.sqrt(_values(s))
-    if len(sv) == 0 or sv[0] <= 0:
-        return 0.0
-    return float(sv.sum() / sv[0])
+    return _one(_nuclear_ratio_k, s)
 
 
 MetricFn = Callable[..., float]
@@ -143,6 +190,20 @@ METRICS: dict[str, MetricFn] = {
 }
 
 DEFAULT_METRICS: tuple[str, ...] = tuple(METRICS)
+
+# The same formulas, vectorised over K spectra of one length (see the kernels above).
+_KERNELS: dict[str, Callable[..., np.ndarray]] = {
+    "stable_rank": _stable_rank_k,
+    "participation_ratio": _participation_ratio_k,
+    "effective_rank": _effective_rank_k,
+    "rankme": _rankme_k,
+    "eps_rank": _eps_rank_k,
+    "energy_rank": _energy_rank_k,
+    "nuclear_ratio": _nuclear_ratio_k,
+}
+
+#: Metrics that need only tr C, tr C² and λ_1, not the whole spectrum (see :func:`moment_metrics`).
+MOMENT_METRICS: tuple[str, ...] = ("stable_rank", "participation_ratio")
 
 #: The formulas, stored in every run's manifest and printed in the report.
 DEFINITIONS: dict[str, str] = {
@@ -183,6 +244,39 @@ def compute_metrics(s: Spectrum, metrics: Iterable[str] | Mapping[str, Mapping[s
     """Every requested metric of one spectrum (all of them by default)."""
     spec = _normalize_metric_spec(metrics)
     return {name: METRICS[name](s, **params) for name, params in spec.items()}
+
+
+def compute_metrics_batch(
+    values: np.ndarray, traces: np.ndarray, metrics: Iterable[str] | Mapping[str, Mapping[str, Any]] | None = None
+) -> dict[str, np.ndarray]:
+    """Every requested metric of K spectra of one length at once: ``values`` is (K, m), descending,
+    ``traces`` (K,). The same numbers as :func:`compute_metrics` on each row (the same kernels)."""
+    spec = _normalize_metric_spec(metrics)
+    V = np.asarray(values, dtype=np.float64)
+    if V.ndim != 2:
+        raise ValueError(f"The 'values' parameter of compute_metrics_batch must be 2-D (K spectra x m). Got shape {V.shape}.")
+    tr = np.asarray(traces, dtype=np.float64).reshape(-1)
+    out = {}
+    for name, params in spec.items():
+        if "eps" in params:
+            params = {**params, "eps": check_float(params["eps"], "eps", low=0.0, owner="eps_rank")}
+        if "q" in params:
+            params = {**params, "q": check_float(params["q"], "q", low=0.0, high=1.0, low_inclusive=False, owner="energy_rank")}
+        out[name] = _KERNELS[name](V, tr, **params)
+    return out
+
+
+def moment_metrics(
+    trace: np.ndarray, top: np.ndarray, sum_sq: np.ndarray, metrics: Iterable[str] | Mapping[str, Mapping[str, Any]] | None
+) -> dict[str, np.ndarray]:
+    """The requested metrics among :data:`MOMENT_METRICS` from tr C, λ_1 and tr C² (arrays of K)."""
+    spec = _normalize_metric_spec(metrics)
+    out = {}
+    if "stable_rank" in spec:
+        out["stable_rank"] = stable_rank_from_moments(np.asarray(trace, float), np.asarray(top, float))
+    if "participation_ratio" in spec:
+        out["participation_ratio"] = participation_ratio_from_moments(np.asarray(trace, float), np.asarray(sum_sq, float))
+    return out
 
 
 def measure(X: Any, metrics: Iterable[str] | Mapping[str, Mapping[str, Any]] | None = None, center: bool = True) -> dict[str, float]:

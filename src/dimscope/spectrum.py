@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["Spectrum", "spectrum", "spectrum_from_gram", "weight_spectrum", "gram_spectra_numpy", "NonFiniteError"]
+__all__ = ["Spectrum", "spectrum", "spectrum_from_gram", "weight_spectrum", "batch_spectra", "top_eigenvalue", "top_eigenvalues", "Moments", "NonFiniteError"]
 
 # Relative size below which a negative eigenvalue is round-off (clamped to 0); beyond it an error.
 _NEG_TOL = 1e-9
@@ -97,19 +97,33 @@ def _as_matrix(X: Any) -> torch.Tensor:
     return X
 
 
+def _clean_stack(E: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Descending eigenvalues of K size x size symmetric PSD matrices, one row each: round-off
+    negatives clamped to 0, values under the float64 round-off level of their matrix set to 0. Also
+    returns which rows had a negative eigenvalue too large to be round-off (not PSD)."""
+    E = np.array(E, dtype=np.float64, ndmin=2)
+    if E.shape[1] == 0:
+        return E, np.zeros(E.shape[0], dtype=bool)
+    scale = np.maximum(E[:, 0], 0.0)
+    most_negative = E.min(axis=1)
+    bad = (most_negative < 0) & (-most_negative > _NEG_TOL * np.maximum(scale, 1e-300) * max(size, 1)) & (-most_negative > 1e-12)
+    np.clip(E, 0.0, None, out=E)
+    E[E < (size * np.finfo(np.float64).eps * scale)[:, None]] = 0.0
+    return E, bad
+
+
+def _not_psd(E: np.ndarray) -> ValueError:
+    return ValueError(
+        f"The Gram matrix has a large negative eigenvalue ({E.min():.3e}, largest {E.max():.3e}); it is not positive semi-definite."
+    )
+
+
 def _clean_eigenvalues(ev: np.ndarray, size: int) -> np.ndarray:
     """Descending eigenvalues of a size x size symmetric PSD matrix: round-off negatives clamped."""
-    scale = max(float(ev[0]) if len(ev) else 0.0, 0.0)
-    most_negative = float(ev.min()) if len(ev) else 0.0
-    if most_negative < 0 and -most_negative > _NEG_TOL * max(scale, 1e-300) * max(size, 1) and -most_negative > 1e-12:
-        raise ValueError(
-            f"The Gram matrix has a large negative eigenvalue ({most_negative:.3e}, largest {scale:.3e}); "
-            "it is not positive semi-definite."
-        )
-    ev = np.clip(ev, 0.0, None)
-    # Eigenvalues under the float64 round-off level of this matrix are zero, not signal.
-    ev[ev < size * np.finfo(np.float64).eps * scale] = 0.0
-    return ev
+    E, bad = _clean_stack(ev[None, :], size)
+    if bad[0]:
+        raise _not_psd(ev)
+    return E[0]
 
 
 def _eigvalsh_desc(G: torch.Tensor) -> np.ndarray:
@@ -118,44 +132,209 @@ def _eigvalsh_desc(G: torch.Tensor) -> np.ndarray:
     return _clean_eigenvalues(torch.linalg.eigvalsh(G).flip(0).cpu().numpy(), G.shape[0])
 
 
-def gram_spectra_numpy(
-    arrays: list[np.ndarray], *, center: bool, normalize: bool = True
-) -> list[Spectrum | NonFiniteError]:
-    """:func:`spectrum` (``normalize=True``) or :func:`weight_spectrum` (``normalize=False``,
-    uncentered) of many CPU arrays at once, with numpy in float64.
+@dataclass(frozen=True)
+class Moments:
+    """What the moment metrics need of a covariance, without its eigendecomposition: tr C, tr C² (=
+    Σλ² = ‖C‖_F²) and λ_1 (by Lanczos, to round-off; see :func:`top_eigenvalue`), with the shape it
+    came from. ``vector`` is the top eigenvector of the Gram matrix that was used (a warm start for
+    the next measurement)."""
 
-    Arrays of one shape are stacked: one centering, one batched Gram product and one batched
-    ``eigvalsh`` per shape, so many small spectra cost little more than their arithmetic. The same
-    numbers as the torch path to round-off. An array holding NaN or Inf gets a
-    :class:`NonFiniteError` in its place instead of a spectrum. This is the kernel of the Tracker's
-    batched measurements.
+    trace: float
+    sum_sq: float
+    top: float
+    n_samples: int
+    n_features: int
+    centered: bool = True
+    vector: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def ceiling(self) -> int:
+        return max(0, min(self.n_samples - (1 if self.centered else 0), self.n_features))
+
+    def info(self) -> dict[str, Any]:
+        return {"n_samples": self.n_samples, "n_features": self.n_features, "centered": self.centered, "ceiling": self.ceiling}
+
+
+# Below this size a (stacked) full eigendecomposition costs less than Lanczos's iterations.
+_LANCZOS_MIN_SIZE = 160
+_LANCZOS_MAX_ITER = 120
+
+
+def _lanczos_top(G: np.ndarray, start: np.ndarray | None, rtol: float) -> tuple[float, np.ndarray] | None:
+    """Lanczos with full reorthogonalisation for the top eigenpair; None if not converged."""
+    m = G.shape[0]
+    k_max = min(m, _LANCZOS_MAX_ITER)
+    Q = np.empty((k_max, m))
+    alpha = np.empty(k_max)
+    beta = np.empty(k_max)
+    ok_start = start is not None and start.shape == (m,) and bool(np.all(np.isfinite(start))) and bool(np.any(start))
+    v = np.asarray(start, dtype=np.float64) if ok_start else np.random.default_rng(0).standard_normal(m)
+    Q[0] = v / np.linalg.norm(v)
+    for k in range(k_max):
+        w = G @ Q[k]
+        alpha[k] = Q[k] @ w
+        Qk = Q[: k + 1]
+        w -= (Qk @ w) @ Qk  # full reorthogonalisation, twice ("twice is enough")
+        w -= (Qk @ w) @ Qk
+        b = beta[k] = float(np.sqrt(w @ w))
+        if k % 6 == 5 or k == k_max - 1 or b == 0.0:
+            T = np.diag(alpha[: k + 1])
+            if k:
+                i = np.arange(k)
+                T[i, i + 1] = T[i + 1, i] = beta[:k]
+            theta, S = np.linalg.eigh(T)
+            top = float(theta[-1])
+            if top <= 0.0:
+                return 0.0, Q[0]
+            res = abs(b * S[-1, -1])
+            gap = top - float(theta[-2]) if k else top
+            if b <= 1e-14 * top or min(res, res * res / max(gap, 1e-300)) <= rtol * top:
+                return top, S[:, -1] @ Qk
+        if k + 1 < k_max:
+            Q[k + 1] = w / b
+    return None
+
+
+def top_eigenvalues(
+    G: np.ndarray, starts: list[np.ndarray | None] | None = None, *, rtol: float = 1e-12
+) -> tuple[np.ndarray, list[np.ndarray | None]]:
+    """λ_1 and its eigenvector for each matrix of a (K, m, m) stack of symmetric positive
+    semi-definite float64 matrices.
+
+    Lanczos with full reorthogonalisation, from ``starts`` (the previous measurement's top vectors
+    make good ones) or a fixed-seed random vector. It stops when the error estimate of the top
+    Ritz value, min(‖r‖, ‖r‖² / gap) with r the Ritz residual and gap the distance to the next
+    Ritz value, is below ``rtol`` · λ_1. Matrices smaller than 160 (where a full eigendecomposition
+    is cheaper), and any that has not converged after 120 iterations, get a full eigendecomposition
+    instead (vector None), so every value is accurate to round-off.
     """
-    out: list[Spectrum | NonFiniteError] = [NonFiniteError("The feature matrix holds NaN or Inf values.")] * len(arrays)
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, a in enumerate(arrays):
-        if a.ndim != 2:
-            raise ValueError(f"gram_spectra_numpy needs 2-D arrays (samples x features). Got shape {a.shape}.")
-        groups.setdefault(a.shape, []).append(i)
-    for (n, d), idx in groups.items():
-        X = np.empty((len(idx), n, d), dtype=np.float64)  # a private float64 copy, cast in one pass
+    G = np.asarray(G, dtype=np.float64)
+    K, m = G.shape[0], G.shape[-1]
+    vecs: list[np.ndarray | None] = [None] * K
+    if m < _LANCZOS_MIN_SIZE or K == 0:
+        return (np.linalg.eigvalsh(G)[:, -1] if m else np.zeros(K)), vecs
+    top = np.empty(K)
+    for j in range(K):
+        got = _lanczos_top(G[j], None if starts is None else starts[j], rtol)
+        if got is None:
+            top[j] = np.linalg.eigvalsh(G[j])[-1]
+        else:
+            top[j], vecs[j] = got
+    return top, vecs
+
+
+def top_eigenvalue(G: np.ndarray, start: np.ndarray | None = None, *, rtol: float = 1e-12) -> tuple[float, np.ndarray | None]:
+    """λ_1 and its eigenvector of one symmetric PSD float64 matrix (see :func:`top_eigenvalues`)."""
+    G = np.asarray(G, dtype=np.float64)
+    top, vecs = top_eigenvalues(G[None], [start], rtol=rtol)
+    return float(top[0]), vecs[0]
+
+
+_POOL: Any = None
+
+
+def _pool(workers: int) -> Any:
+    global _POOL
+    if _POOL is None or _POOL._max_workers < workers:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dimscope-eig")
+    return _POOL
+
+
+# Threads pay off only for a large stack: right after a torch op, torch's OpenMP workers keep
+# spinning on the other cores for a while, and a short job on a second thread only competes with them.
+_THREADS_MIN_WORK = 2 * 256**3
+
+
+def _eigvalsh_stack(G: np.ndarray, threads: int) -> np.ndarray:
+    """Ascending eigenvalues of a (K, m, m) stack, split over up to ``threads`` threads when the
+    stack is large (LAPACK releases the GIL, and with one BLAS thread each the calls run side by side)."""
+    K, m = G.shape[0], G.shape[-1]
+    parts = min(threads, K) if K * m**3 >= _THREADS_MIN_WORK else 1
+    if parts <= 1:
+        return np.linalg.eigvalsh(G)
+    bounds = np.linspace(0, K, parts + 1).astype(int)
+    chunks = [G[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    futures = [_pool(parts - 1).submit(np.linalg.eigvalsh, c) for c in chunks[1:]]
+    first = np.linalg.eigvalsh(chunks[0])
+    return np.concatenate([first] + [f.result() for f in futures])
+
+
+def _grams64(ts: list[torch.Tensor], center: bool | None) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """The float64 Gram matrices of same-shape matrices, stacked: of features (``center``
+    True/False: the covariance / second moment, normalised) or of weights (``None``: W reshaped to
+    (out, -1), not normalised), from the smaller side, computed by torch (the training's own threads),
+    on CPU. Also returns which of them are finite: NaN or Inf anywhere in X lands, squared, on the
+    diagonal of its Gram matrix."""
+    X = torch.stack([t.detach().reshape(t.shape[0], -1) for t in ts])
+    n, d = X.shape[1], X.shape[2]
+    X = X.to(torch.float64)
+    if center:
+        X = X - X.mean(dim=1, keepdim=True)
+    G = X @ X.mT if n <= d else X.mT @ X
+    finite = torch.isfinite(G.diagonal(dim1=1, dim2=2)).all(dim=1)
+    if center is not None:
+        G /= float(max(n - (1 if center else 0), 1))
+    return G.cpu().numpy(), finite.cpu().numpy(), n, d
+
+
+def _by_ceiling(items: list[tuple[int, np.ndarray, int, int]], tasks: list[Any]) -> dict[int, list[int]]:
+    """Positions in ``items`` grouped by the number of eigenvalues kept, min(n - 1, d) or min(n, d)."""
+    out: dict[int, list[int]] = {}
+    for r, (i, _, n, d) in enumerate(items):
+        out.setdefault(max(0, min(n - (1 if tasks[i][1] else 0), d)), []).append(r)
+    return out
+
+
+def batch_spectra(
+    tasks: list[tuple[torch.Tensor, bool | None, bool]],
+    *,
+    threads: int = 1,
+    starts: list[np.ndarray | None] | None = None,
+) -> list[Spectrum | Moments | BaseException]:
+    """Spectra (or moments) of many matrices at once: the kernel of the Tracker's measurements.
+
+    Each task is ``(tensor, center, full)``: ``center`` True/False for features (as
+    :func:`spectrum`), ``None`` for a weight (as :func:`weight_spectrum`); ``full`` asks for the
+    whole :class:`Spectrum`, else only :class:`Moments`. Same-shape matrices are stacked: one
+    float64 cast, centering and batched Gram product per shape, by torch; the eigendecompositions
+    of one size are stacked and split over ``threads`` threads with one BLAS thread each. The same
+    numbers as :func:`spectrum` to round-off. A task with NaN or Inf values gets a
+    :class:`NonFiniteError` in its place. ``starts`` are Lanczos warm starts for the moment tasks.
+    """
+    out: list[Spectrum | Moments | BaseException] = [NonFiniteError("no result")] * len(tasks)
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, (t, center, _) in enumerate(tasks):
+        if t.ndim < 2:
+            raise ValueError(f"batch_spectra needs matrices (samples x features). Got shape {tuple(t.shape)}.")
+        groups.setdefault((tuple(t.shape), t.dtype, t.device, center), []).append(i)
+    # (index, its Gram matrix, n, d) by Gram size, for whole spectra and for moments
+    full: dict[int, list[tuple[int, np.ndarray, int, int]]] = {}
+    moments: dict[int, list[tuple[int, np.ndarray, int, int]]] = {}
+    for (_, _, _, center), idx in groups.items():
+        Gn, finite, n, d = _grams64([tasks[i][0] for i in idx], center)
         for j, i in enumerate(idx):
-            X[j] = arrays[i]
-        finite = np.isfinite(X).all(axis=(1, 2))
-        if not finite.all():
-            idx = [i for i, ok in zip(idx, finite) if ok]
-            X = X[finite]
-            if not idx:
+            if not finite[j]:
+                what = "weight" if center is None else "feature"
+                out[i] = NonFiniteError(f"The {what} matrix holds NaN or Inf values.")
                 continue
-        if center:
-            X -= X.mean(axis=1, keepdims=True)
-        Xt = X.transpose(0, 2, 1)
-        G = X @ Xt if n <= d else Xt @ X
-        if normalize:
-            G /= float(max(n - (1 if center else 0), 1))
-        evs = np.linalg.eigvalsh(G)[:, ::-1]  # reads one triangle: no symmetrisation needed
-        m = max(0, min(n - (1 if center else 0), d))
-        for i, ev in zip(idx, evs):
-            out[i] = Spectrum(_clean_eigenvalues(ev[:m].copy(), G.shape[1]), n, d, center)
+            (full if tasks[i][2] else moments).setdefault(Gn.shape[1], []).append((i, Gn[j], n, d))
+    for size, items in full.items():
+        raw = _eigvalsh_stack(np.stack([g for _, g, _, _ in items]), threads)[:, ::-1]  # reads one triangle
+        for m, rows in _by_ceiling(items, tasks).items():
+            E, bad = _clean_stack(raw[rows, :m], size)
+            traces = E.sum(axis=1)
+            for r, ev, tr, not_psd in zip(rows, E, traces, bad):
+                i, _, n, d = items[r]
+                out[i] = _not_psd(raw[r, :m]) if not_psd else Spectrum(ev, n, d, bool(tasks[i][1]), float(tr))
+    for size, items in moments.items():
+        stack = np.stack([g for _, g, _, _ in items])
+        tops, vecs = top_eigenvalues(stack, [starts[i] if starts is not None else None for i, _, _, _ in items])
+        traces = np.trace(stack, axis1=1, axis2=2)
+        sum_sq = np.einsum("kij,kij->k", stack, stack)
+        for (i, _, n, d), top, vec, tr, sq in zip(items, tops, vecs, traces, sum_sq):
+            out[i] = Moments(float(tr), float(sq), float(top), n, d, bool(tasks[i][1]), vec)
     return out
 
 

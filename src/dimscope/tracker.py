@@ -53,8 +53,8 @@ from torch import nn
 from . import __version__
 from ._validation import check_choice, check_int
 from .capture import LayerSelection, capture, iter_layer_weights, resolve_layers, to_features
-from .metrics import DEFINITIONS, _normalize_metric_spec, compute_metrics
-from .spectrum import NonFiniteError, Spectrum, gram_spectra_numpy, spectrum, weight_spectrum
+from .metrics import DEFINITIONS, MOMENT_METRICS, _normalize_metric_spec, compute_metrics_batch, moment_metrics
+from .spectrum import Moments, NonFiniteError, Spectrum, batch_spectra, spectrum, weight_spectrum
 from .store import RunStore
 
 __all__ = ["Tracker", "TrackerExtension", "probe_forward"]
@@ -64,18 +64,22 @@ _Row = tuple[int, float, str, str, float, str, str]
 # A batched flush computes at most this many bytes of buffered features at once by default.
 _MAX_PENDING_BYTES = 256 * 2**20
 
-# Precomputed spectra of a batched flush: (id of the tensor, centered; None for a weight) -> result.
-_Spectra = dict[tuple[int, bool | None], Spectrum | BaseException]
+# Spectra (or moments) of a flush: (id of the tensor, centered; None for a weight) -> result.
+_Key = tuple[int, bool | None]
+_Spectra = dict[_Key, Spectrum | Moments | BaseException]
+# ... and their metric values.
+_Results = tuple[_Spectra, dict[_Key, dict[str, float]]]
 
 
 class _Measurement:
     """What one measurement captured on the training thread, waiting for its spectra."""
 
-    __slots__ = ("step", "now", "feats", "weights", "rows", "jobs")
+    __slots__ = ("step", "now", "feats", "weights", "rows", "jobs", "full")
 
     def __init__(self, step: int, now: float, feats: dict[str, dict[str, torch.Tensor]], weights: dict[str, torch.Tensor],
-                 rows: list[_Row], jobs: list[Callable[[], None]]) -> None:
+                 rows: list[_Row], jobs: list[Callable[[], None]], full: bool = True) -> None:
         self.step, self.now, self.feats, self.weights, self.rows, self.jobs = step, now, feats, weights, rows, jobs
+        self.full = full  # the whole spectrum and every metric; else the moment metrics only
 
     def tensors(self) -> Iterable[torch.Tensor]:
         for layer_feats in self.feats.values():
@@ -282,6 +286,13 @@ class Tracker:
         ``("centered",)`` by default; add ``"uncentered"`` to record both on the same run.
     spectra:
         ``"all"`` stores every eigenvalue, an int K the top K, ``None`` none.
+    spectra_every:
+        Compute the whole spectrum (every metric, and the stored spectra) when
+        ``step % spectra_every == 0``; default ``every``, i.e. at every measurement. At the other
+        measurements only the moment metrics (``stable_rank``, ``participation_ratio``: tr C, tr C²
+        and λ_1 by Lanczos, no eigendecomposition) are recorded, at a fraction of the cost. With
+        ``spectra=None`` and only moment metrics requested, no measurement needs an
+        eigendecomposition.
     weight_metrics:
         Also measure the spectrum of each tracked layer's weight matrix.
     weight_every:
@@ -321,6 +332,7 @@ class Tracker:
         metrics: Iterable[str] | Mapping[str, Mapping[str, Any]] | None = None,
         conventions: Sequence[str] = ("centered",),
         spectra: str | int | None = "all",
+        spectra_every: int | None = None,
         weight_metrics: bool = True,
         weight_every: int | None = None,
         grad_norm: bool = False,
@@ -362,6 +374,14 @@ class Tracker:
             self.top_k = check_int(spectra, "spectra", min_value=1, owner="Tracker")
         self.store_spectra = spectra is not None
         self.metric_spec = _normalize_metric_spec(metrics)
+        self.spectra_every = (
+            self.every if spectra_every is None else check_int(spectra_every, "spectra_every", min_value=1, owner="Tracker")
+        )
+        self._moment_spec = {k: v for k, v in self.metric_spec.items() if k in MOMENT_METRICS}
+        # Does any measurement need the whole spectrum? Not when no spectrum is stored and every
+        # requested metric is a moment metric.
+        self._needs_spectrum = self.store_spectra or len(self._moment_spec) < len(self.metric_spec)
+        self._top_vectors: dict[tuple[str, str, str], np.ndarray] = {}  # Lanczos warm starts
         self.weight_metrics = bool(weight_metrics)
         self.weight_every = (
             10 * self.every if weight_every is None else check_int(weight_every, "weight_every", min_value=1, owner="Tracker")
@@ -403,6 +423,9 @@ class Tracker:
         where = self._resolve_background(background)
         self.background = where == "thread"
         self.batched = where == "batched"
+        # The flush runs on the training thread while training waits: its eigendecompositions may
+        # use the threads torch trains with. A background thread keeps to one.
+        self._eig_threads = 1 if self.background else max(1, min(torch.get_num_threads(), 8))
         self._pending: list[_Measurement] = []
         self._pending_bytes = 0
         self._pending_since = 0.0
@@ -441,6 +464,9 @@ class Tracker:
             "conv": self.conv,
             "spectra_top_k": self.top_k,
             "store_spectra": self.store_spectra,
+            "spectra_every": self.spectra_every,
+            "moment_metrics": "stable_rank and participation_ratio from tr C, tr C^2 and lambda_1 (Lanczos, "
+            "error estimate <= 1e-12 lambda_1) at measurements without the whole spectrum",
             "weight_metrics": self.weight_metrics,
             "weight_every": self.weight_every,
             "grad_norm": self.grad_norm,
@@ -521,8 +547,18 @@ class Tracker:
             return self._measure(step, now)
         finally:
             if self._batch_capture is not None and not self._batch_armed_always:
-                # Copy the training forward's activations only before a step that will be measured.
-                self._batch_capture.enabled = (step + 1) % self.every == 0
+                # Hooks live only for the training forward before a step that will be measured (a
+                # registered hook slows every forward, even one that records nothing).
+                self._arm_batch_capture((step + 1) % self.every == 0)
+
+    def _arm_batch_capture(self, on: bool) -> None:
+        cap = self._batch_capture
+        if cap is None or self.closed:
+            return
+        if on and not cap._handles:
+            cap.__enter__()
+        elif not on and cap._handles:
+            cap.remove()
 
     def _take_train_rows(self) -> list[_Row]:
         rows, self._train_rows = self._train_rows, []
@@ -543,11 +579,11 @@ class Tracker:
             feats["probe"] = self._probe_features()
         if "batch" in self.modes and self._batch_capture is not None:
             outs = dict(self._batch_capture.outputs)
-            if not outs and not self._batch_capture.enabled:
+            if not outs and not self._batch_capture._handles:
                 # The steps are not consecutive (or ``force`` measured off the schedule), so the
                 # forward before this step was not recorded: record every training forward from now on.
                 self._batch_armed_always = True
-                self._batch_capture.enabled = True
+                self._arm_batch_capture(True)
                 warnings.warn(
                     f"dimscope: batch mode did not record the training forward before step {step} (the steps "
                     "passed to Tracker.step are not consecutive); recording every training forward from now on.",
@@ -578,9 +614,11 @@ class Tracker:
         return float(torch.linalg.vector_norm(torch.stack([n.to(torch.float64) for n in norms])))
 
     def _measure(self, step: int, now: float) -> dict[tuple[str, str], float] | None:
-        feats = self._collect_features(step)
+        full = self._needs_spectrum and step % self.spectra_every == 0
+        measure_any = full or bool(self._moment_spec)
+        feats = self._collect_features(step) if measure_any else {}
         weights: dict[str, torch.Tensor] = {}
-        if self.weight_metrics and step % self.weight_every == 0:
+        if measure_any and self.weight_metrics and step % self.weight_every == 0:
             weights = {name: w.detach().clone() for name, w in iter_layer_weights(self.model, self.layers)}
         if self.grad_norm:
             self._train_rows.append((step, now, "", "grad_norm", self._grad_norm(), "training", ""))
@@ -590,7 +628,7 @@ class Tracker:
             j = ext.on_features(self, step, flat)
             if j is not None:
                 extra_jobs.append(j)
-        m = _Measurement(step, now, feats, weights, self._take_train_rows(), extra_jobs)
+        m = _Measurement(step, now, feats, weights, self._take_train_rows(), extra_jobs, full)
         self.n_measurements += 1
         if self.batched:
             if not self._pending:
@@ -610,9 +648,12 @@ class Tracker:
         self._submit(job)
         return result if self._worker is None else None
 
-    def _finish(self, m: _Measurement, spectra: _Spectra | None) -> dict[tuple[str, str], float]:
-        """Metrics, rows and extension callbacks of one measurement (``spectra``: precomputed)."""
-        values = self._compute(m.step, m.now, m.feats, m.weights, m.rows, spectra)
+    def _finish(self, m: _Measurement, results: _Results | None) -> dict[tuple[str, str], float]:
+        """Metrics, rows and extension callbacks of one measurement (``results``: a flush's, or None
+        to compute this measurement's now)."""
+        if results is None:
+            results = self._results([m])
+        values = self._compute(m, results)
         for j in m.jobs:
             j()
         for ext in self.extensions:
@@ -624,55 +665,71 @@ class Tracker:
         pending, self._pending, self._pending_bytes = self._pending, [], 0
         if not pending:
             return
-        spectra = self._batch_spectra(pending)
+        results = self._results(pending)
         for m in pending:
-            _run_job(lambda m=m: self._finish(m, spectra), self.errors)
+            _run_job(lambda m=m: self._finish(m, results), self.errors)
         if self.store is not None and not self.store.closed:
             self.store.commit()
 
-    def _batch_spectra(self, pending: list[_Measurement]) -> _Spectra:
-        """Every spectrum of ``pending``, keyed by (id of the tensor, centered; None for weights).
-
-        CPU features go to :func:`~dimscope.spectrum.gram_spectra_numpy` (stacked by shape, one BLAS
-        thread); a subclass that overrides
-        :meth:`features_to_spectrum` (or features on an accelerator) is served in order, one by one.
-        """
-        tasks: list[tuple[tuple[int, bool | None], torch.Tensor, bool | None]] = []
+    def _tasks(self, pending: list[_Measurement]) -> list[tuple[_Key, torch.Tensor, bool | None, bool, tuple[str, str, str]]]:
+        """(key, tensor, center (None: a weight), full, warm-start slot) of every spectrum to compute."""
+        tasks = []
         for m in pending:
-            for layer_feats in m.feats.values():
-                for X in layer_feats.values():
+            for mode, layer_feats in m.feats.items():
+                for layer, X in layer_feats.items():
                     for conv in self.conventions:
-                        tasks.append(((id(X), conv == "centered"), X, conv == "centered"))
-            for W in m.weights.values():
-                tasks.append(((id(W), None), W, None))
-        out: _Spectra = {}
-        own_kernel = type(self).features_to_spectrum is Tracker.features_to_spectrum
-        if not (own_kernel and all(t.device.type == "cpu" for _, t, _ in tasks)):
-            for key, t, center in tasks:
-                try:
-                    out[key] = self._spectrum_of(t, center)
-                except Exception as e:  # noqa: BLE001 - reported when the measurement is finished
-                    out[key] = e
-            return out
+                        tasks.append(((id(X), conv == "centered"), X, conv == "centered", m.full, (mode, layer, conv)))
+            for layer, W in m.weights.items():
+                tasks.append(((id(W), None), W, None, m.full, ("weight", layer, "")))
+        return tasks
 
-        # Same-shape features are stacked by the kernel; threads would not help here (numpy's
-        # eigendecompositions did not run faster side by side on the 2-core benchmark machine).
-        for center in (True, False, None):
-            group = [(key, t) for key, t, c in tasks if c is center]
-            if not group:
-                continue
-            arrays = []
-            for _, t in group:
-                a = t.detach()
-                if a.dtype not in (torch.float32, torch.float64):
-                    a = a.float()
-                arrays.append(a.reshape(a.shape[0], -1).numpy())
-            try:
-                with _one_blas_thread():
-                    specs: list[Any] = gram_spectra_numpy(arrays, center=bool(center), normalize=center is not None)
-            except Exception as e:  # noqa: BLE001 - reported when each measurement is finished
-                specs = [e] * len(group)
-            out.update((key, spec) for (key, _), spec in zip(group, specs))
+    def _results(self, pending: list[_Measurement]) -> _Results:
+        """Every spectrum (or moments) of ``pending`` and its metric values, keyed by (id of the
+        tensor, centered; None for weights).
+
+        Tracker's own kernel (:func:`~dimscope.spectrum.batch_spectra`): float64 Gram matrices by
+        torch, eigendecompositions stacked by size on ``_eig_threads`` threads with one BLAS thread
+        each, metrics vectorised over same-length spectra. A subclass that overrides
+        :meth:`features_to_spectrum` is served through it, one by one, with whole spectra.
+        """
+        tasks = self._tasks(pending)
+        spectra: _Spectra = {}
+        if type(self).features_to_spectrum is Tracker.features_to_spectrum:
+            starts = [self._top_vectors.get(slot) for *_, slot in tasks]
+            with _one_blas_thread():
+                got = batch_spectra([(t, c, full) for _, t, c, full, _ in tasks], threads=self._eig_threads, starts=starts)
+            for (key, *_, slot), r in zip(tasks, got):
+                spectra[key] = r
+                if isinstance(r, Moments) and r.vector is not None:
+                    self._top_vectors[slot] = r.vector
+        else:
+            for key, t, center, _, _ in tasks:
+                try:
+                    spectra[key] = weight_spectrum(t) if center is None else self.features_to_spectrum(t, center)
+                except Exception as e:  # noqa: BLE001 - reported when the measurement is finished
+                    spectra[key] = e
+        return spectra, self._metric_values(spectra)
+
+    def _metric_values(self, spectra: _Spectra) -> dict[_Key, dict[str, float]]:
+        """The metrics of every result, vectorised over spectra of one length."""
+        out: dict[_Key, dict[str, float]] = {}
+        by_len: dict[int, list[_Key]] = {}
+        moments: list[_Key] = []
+        for key, r in spectra.items():
+            if isinstance(r, Spectrum):
+                by_len.setdefault(len(r.values), []).append(key)
+            elif isinstance(r, Moments):
+                moments.append(key)
+        for keys in by_len.values():
+            specs = [spectra[k] for k in keys]
+            vals = compute_metrics_batch(np.stack([s.values for s in specs]), np.array([s.trace for s in specs]), self.metric_spec)  # type: ignore[union-attr]
+            for i, k in enumerate(keys):
+                out[k] = {name: float(v[i]) for name, v in vals.items()}
+        if moments:
+            ms: list[Moments] = [spectra[k] for k in moments]  # type: ignore[misc]
+            vals = moment_metrics(np.array([x.trace for x in ms]), np.array([x.top for x in ms]), np.array([x.sum_sq for x in ms]), self._moment_spec)
+            for i, k in enumerate(moments):
+                out[k] = {name: float(v[i]) for name, v in vals.items()}
         return out
 
     def _submit(self, job: Callable[[], None]) -> None:
@@ -686,81 +743,60 @@ class Tracker:
         """One layer's spectrum (override point, e.g. for all-reduced Gram matrices)."""
         return spectrum(X, center=center)
 
-    def _compute(
-        self,
-        step: int,
-        now: float,
-        feats: dict[str, dict[str, torch.Tensor]],
-        weights: dict[str, torch.Tensor],
-        train_rows: list[_Row],
-        spectra: _Spectra | None = None,
-    ) -> dict[tuple[str, str], float]:
-        rows: list[_Row] = list(train_rows)
+    def _compute(self, m: _Measurement, results: _Results) -> dict[tuple[str, str], float]:
+        spectra, metric_values = results
+        step, now = m.step, m.now
+        names = self.metric_spec if m.full else self._moment_spec
+        rows: list[_Row] = list(m.rows)
         specs: list[tuple[int, float, str, Spectrum, str, str]] = []  # to store
         values: dict[tuple[str, str], float] = {}
         primary = self.convention_name(self.modes[0], self.conventions[0])
-        for mode, layer_feats in feats.items():
+
+        def metrics_of(key: _Key, layer: str, space: str) -> tuple[Spectrum | None, dict[str, float]]:
+            r = spectra[key]
+            if isinstance(r, NonFiniteError):
+                if space == "activation" and layer not in self._nonfinite_warned:
+                    self._nonfinite_warned.add(layer)
+                    warnings.warn(
+                        f"dimscope: NaN or Inf activations in layer {layer!r} at step {step}; its metrics are "
+                        "recorded as NaN and training goes on.",
+                        RuntimeWarning,
+                        stacklevel=4,
+                    )
+                return None, {k: float("nan") for k in names}
+            if isinstance(r, BaseException):
+                raise r
+            vals = metric_values[key]
+            return (r if isinstance(r, Spectrum) and m.full else None), {k: vals[k] for k in names}
+
+        for mode, layer_feats in m.feats.items():
             for layer, X in layer_feats.items():
                 for conv_name in self.conventions:
                     cname = self.convention_name(mode, conv_name)
-                    spec = self._safe_spectrum(X, conv_name == "centered", layer, step, spectra)
-                    vals = self._metrics_of(spec)
+                    spec, vals = metrics_of((id(X), conv_name == "centered"), layer, "activation")
                     for metric, v in vals.items():
                         rows.append((step, now, layer, metric, v, "activation", cname))
                         if cname == primary:
                             values[(layer, metric)] = v
                     if spec is not None:
                         specs.append((step, now, layer, spec, "activation", cname))
-        for layer, W in weights.items():
-            try:
-                spec = self._spectrum_of(W, None, spectra)
-            except NonFiniteError:
-                spec = None
-            vals = self._metrics_of(spec)
+        for layer, W in m.weights.items():
+            spec, vals = metrics_of((id(W), None), layer, "weight")
             for metric, v in vals.items():
                 rows.append((step, now, layer, metric, v, "weight", "weight"))
                 values[(layer, f"weight/{metric}")] = v
             if spec is not None:
                 specs.append((step, now, layer, spec, "weight", "weight"))
-        for r in train_rows:
+        for r in m.rows:
             values[("", r[3])] = r[4]
         if self.store is not None:
             self.store.add_scalars(rows)
-            if self.store_spectra:
+            if self.store_spectra and specs:
                 self.store.add_spectra(specs, top_k=self.top_k)
         else:
             self.history.extend(dict(zip(("step", "wall_time", "layer", "metric", "value", "space", "convention"), r)) for r in rows)
         self.latest = values
         return values
-
-    def _spectrum_of(self, t: torch.Tensor, center: bool | None, spectra: _Spectra | None = None) -> Spectrum:
-        """The spectrum of features (``center`` True/False) or of a weight (``None``): taken from a
-        batched flush's ``spectra`` when there (a stored failure is raised), else computed now."""
-        pre = spectra.get((id(t), center)) if spectra is not None else None
-        if isinstance(pre, BaseException):
-            raise pre
-        if pre is not None:
-            return pre
-        return weight_spectrum(t) if center is None else self.features_to_spectrum(t, center)
-
-    def _safe_spectrum(self, X: torch.Tensor, center: bool, layer: str, step: int, spectra: _Spectra | None = None) -> Spectrum | None:
-        try:
-            return self._spectrum_of(X, center, spectra)
-        except NonFiniteError:
-            if layer not in self._nonfinite_warned:
-                self._nonfinite_warned.add(layer)
-                warnings.warn(
-                    f"dimscope: NaN or Inf activations in layer {layer!r} at step {step}; its metrics are "
-                    "recorded as NaN and training goes on.",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-            return None
-
-    def _metrics_of(self, spec: Spectrum | None) -> dict[str, float]:
-        if spec is None:
-            return {m: float("nan") for m in self.metric_spec}
-        return compute_metrics(spec, self.metric_spec)
 
     # -- ending ----------------------------------------------------------------------------------
     def _drain_main_calls(self) -> None:
