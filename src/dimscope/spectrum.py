@@ -174,8 +174,7 @@ def _lanczos_top(G: np.ndarray, start: np.ndarray | None, rtol: float) -> tuple[
         w = G @ Q[k]
         alpha[k] = Q[k] @ w
         Qk = Q[: k + 1]
-        w -= (Qk @ w) @ Qk  # full reorthogonalisation, twice ("twice is enough")
-        w -= (Qk @ w) @ Qk
+        w -= (Qk @ w) @ Qk  # full reorthogonalisation: the three-term recurrence and its correction
         b = beta[k] = float(np.sqrt(w @ w))
         if k % 6 == 5 or k == k_max - 1 or b == 0.0:
             T = np.diag(alpha[: k + 1])
@@ -261,22 +260,31 @@ def _eigvalsh_stack(G: np.ndarray, threads: int) -> np.ndarray:
     return np.concatenate([first] + [f.result() for f in futures])
 
 
+# The float64 copies of a chunk of same-shape matrices stay under this size (in cache).
+_CHUNK_BYTES = 2**20
+
+
 def _grams64(ts: list[torch.Tensor], center: bool | None) -> tuple[np.ndarray, np.ndarray, int, int]:
     """The float64 Gram matrices of same-shape matrices, stacked: of features (``center``
     True/False: the covariance / second moment, normalised) or of weights (``None``: W reshaped to
     (out, -1), not normalised), from the smaller side, computed by torch (the training's own threads),
     on CPU. Also returns which of them are finite: NaN or Inf anywhere in X lands, squared, on the
     diagonal of its Gram matrix."""
-    X = torch.stack([t.detach().reshape(t.shape[0], -1) for t in ts])
-    n, d = X.shape[1], X.shape[2]
-    X = X.to(torch.float64)
-    if center:
-        X = X - X.mean(dim=1, keepdim=True)
-    G = X @ X.mT if n <= d else X.mT @ X
-    finite = torch.isfinite(G.diagonal(dim1=1, dim2=2)).all(dim=1)
+    n, d = ts[0].shape[0], int(np.prod(ts[0].shape[1:]))
+    per = max(1, _CHUNK_BYTES // (8 * n * d))  # matrices per chunk: the float64 copies stay in cache
+    Gs = []
+    for a in range(0, len(ts), per):
+        chunk = [t.detach().reshape(n, d) for t in ts[a : a + per]]
+        X = chunk[0][None] if len(chunk) == 1 else torch.stack(chunk)
+        X = X.to(torch.float64, copy=len(chunk) == 1 and bool(center))  # a private copy where it is changed
+        if center:
+            X.sub_(X.mean(dim=1, keepdim=True))
+        Gs.append(X @ X.mT if n <= d else X.mT @ X)
+    G = (Gs[0] if len(Gs) == 1 else torch.cat(Gs)).cpu().numpy()
+    finite = np.isfinite(np.diagonal(G, axis1=1, axis2=2)).all(axis=1)
     if center is not None:
         G /= float(max(n - (1 if center else 0), 1))
-    return G.cpu().numpy(), finite.cpu().numpy(), n, d
+    return G, finite, n, d
 
 
 def _by_ceiling(items: list[tuple[int, np.ndarray, int, int]], tasks: list[Any]) -> dict[int, list[int]]:
@@ -291,7 +299,8 @@ def batch_spectra(
     tasks: list[tuple[torch.Tensor, bool | None, bool]],
     *,
     threads: int = 1,
-    starts: list[np.ndarray | None] | None = None,
+    starts: dict[Any, np.ndarray] | None = None,
+    slots: list[Any] | None = None,
 ) -> list[Spectrum | Moments | BaseException]:
     """Spectra (or moments) of many matrices at once: the kernel of the Tracker's measurements.
 
@@ -301,7 +310,11 @@ def batch_spectra(
     float64 cast, centering and batched Gram product per shape, by torch; the eigendecompositions
     of one size are stacked and split over ``threads`` threads with one BLAS thread each. The same
     numbers as :func:`spectrum` to round-off. A task with NaN or Inf values gets a
-    :class:`NonFiniteError` in its place. ``starts`` are Lanczos warm starts for the moment tasks.
+    :class:`NonFiniteError` in its place.
+
+    ``slots`` names what each task measures (e.g. a layer and convention) and ``starts`` maps a slot
+    to the last top eigenvector found for it: each moment task starts Lanczos from its slot's vector
+    and leaves its own there (updated in place), so a series of measurements warm-starts itself.
     """
     out: list[Spectrum | Moments | BaseException] = [NonFiniteError("no result")] * len(tasks)
     groups: dict[tuple[Any, ...], list[int]] = {}
@@ -330,9 +343,20 @@ def batch_spectra(
                 out[i] = _not_psd(raw[r, :m]) if not_psd else Spectrum(ev, n, d, bool(tasks[i][1]), float(tr))
     for size, items in moments.items():
         stack = np.stack([g for _, g, _, _ in items])
-        tops, vecs = top_eigenvalues(stack, [starts[i] if starts is not None else None for i, _, _, _ in items])
         traces = np.trace(stack, axis1=1, axis2=2)
         sum_sq = np.einsum("kij,kij->k", stack, stack)
+        if size < _LANCZOS_MIN_SIZE:
+            tops, vecs = top_eigenvalues(stack)
+        else:  # one by one, in order, each from the latest vector of its slot
+            tops, vecs = np.empty(len(items)), []
+            starts = {} if starts is None else starts
+            for r, (i, g, _, _) in enumerate(items):
+                slot = slots[i] if slots is not None else None
+                top, vec = top_eigenvalue(g, starts.get(slot) if slot is not None else None)
+                tops[r] = top
+                vecs.append(vec)
+                if slot is not None and vec is not None:
+                    starts[slot] = vec
         for (i, _, n, d), top, vec, tr, sq in zip(items, tops, vecs, traces, sum_sq):
             out[i] = Moments(float(tr), float(sq), float(top), n, d, bool(tasks[i][1]), vec)
     return out

@@ -695,13 +695,11 @@ class Tracker:
         tasks = self._tasks(pending)
         spectra: _Spectra = {}
         if type(self).features_to_spectrum is Tracker.features_to_spectrum:
-            starts = [self._top_vectors.get(slot) for *_, slot in tasks]
             with _one_blas_thread():
-                got = batch_spectra([(t, c, full) for _, t, c, full, _ in tasks], threads=self._eig_threads, starts=starts)
-            for (key, *_, slot), r in zip(tasks, got):
+                got = batch_spectra([(t, c, full) for _, t, c, full, _ in tasks], threads=self._eig_threads,
+                                    starts=self._top_vectors, slots=[slot for *_, slot in tasks])
+            for (key, *_), r in zip(tasks, got):
                 spectra[key] = r
-                if isinstance(r, Moments) and r.vector is not None:
-                    self._top_vectors[slot] = r.vector
         else:
             for key, t, center, _, _ in tasks:
                 try:
