@@ -21,8 +21,9 @@ metrics and SQLite writes then run in one of three places (``background``):
 
 * ``"batched"`` (the default on a CPU whose cores torch already uses): measurements are buffered
   and, at each commit (every ``commit_every`` measurements or ``commit_seconds``), their spectra
-  are computed together (features of one shape stacked, float64, one BLAS thread) and written
-  with one commit. A thread running beside training would stall torch's OpenMP workers, which spin
+  are computed together by :func:`~dimscope.spectrum.batch_spectra` while training waits (float64
+  Gram matrices by torch on training's threads, same-size eigendecompositions stacked and, when
+  large, split over those threads) and written with one commit. A thread running beside training would stall torch's OpenMP workers, which spin
   on the other cores between ops; a burst at the commit does not.
 * ``True`` (the default on an accelerator, or when torch leaves CPU cores free): one background
   thread with a bounded queue, so a slow measurement applies back-pressure instead of growing memory.
@@ -54,7 +55,7 @@ from . import __version__
 from ._validation import check_choice, check_int
 from .capture import LayerSelection, capture, iter_layer_weights, resolve_layers, to_features
 from .metrics import DEFINITIONS, MOMENT_METRICS, _normalize_metric_spec, compute_metrics_batch, moment_metrics
-from .spectrum import Moments, NonFiniteError, Spectrum, batch_spectra, spectrum, weight_spectrum
+from .spectrum import NonFiniteError, Spectrum, batch_spectra, spectrum, weight_spectrum
 from .store import RunStore
 
 __all__ = ["Tracker", "TrackerExtension", "probe_forward"]
@@ -66,7 +67,7 @@ _MAX_PENDING_BYTES = 256 * 2**20
 
 # Spectra (or moments) of a flush: (id of the tensor, centered; None for a weight) -> result.
 _Key = tuple[int, bool | None]
-_Spectra = dict[_Key, Spectrum | Moments | BaseException]
+_Spectra = dict[_Key, Any]  # a Spectrum, Moments, or the exception that stopped it
 # ... and their metric values.
 _Results = tuple[_Spectra, dict[_Key, dict[str, float]]]
 
@@ -604,7 +605,6 @@ class Tracker:
     def _probe_features(self) -> dict[str, torch.Tensor]:
         outs = probe_forward(self.model, self.probe, self.layers, batch_size=self.probe_batch_size)
         return {name: to_features(t, max_rows=self.max_rows, conv=self.conv, seed=self.seed) for name, t in outs.items()}
-        return out
 
     def _grad_norm(self) -> float:
         grads = [p.grad.detach() for p in self.model.parameters() if p.grad is not None]
@@ -716,7 +716,7 @@ class Tracker:
         for key, r in spectra.items():
             if isinstance(r, Spectrum):
                 by_len.setdefault(len(r.values), []).append(key)
-            elif isinstance(r, Moments):
+            elif r is not None and not isinstance(r, BaseException):  # Moments
                 moments.append(key)
         for keys in by_len.values():
             specs = [spectra[k] for k in keys]
@@ -724,7 +724,7 @@ class Tracker:
             for i, k in enumerate(keys):
                 out[k] = {name: float(v[i]) for name, v in vals.items()}
         if moments:
-            ms: list[Moments] = [spectra[k] for k in moments]  # type: ignore[misc]
+            ms: list[Any] = [spectra[k] for k in moments]
             vals = moment_metrics(np.array([x.trace for x in ms]), np.array([x.top for x in ms]), np.array([x.sum_sq for x in ms]), self._moment_spec)
             for i, k in enumerate(moments):
                 out[k] = {name: float(v[i]) for name, v in vals.items()}
