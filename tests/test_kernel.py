@@ -188,3 +188,44 @@ def test_moment_metrics_only_never_eigendecompose_a_wide_layer(tmp_path, monkeyp
 def test_spectra_every_must_be_a_positive_int():
     with pytest.raises(ValueError, match="'spectra_every' parameter of Tracker must be an int >= 1. Got 0"):
         dimscope.Tracker(wide_mlp(), probe=torch.randn(8, 12), spectra_every=0)
+
+
+def test_a_forced_measurement_is_a_whole_one():
+    model = wide_mlp()
+    with dimscope.Tracker(model, probe=torch.randn(64, 12), every=5, layers=["0"], background=False) as tr:
+        vals = tr.step(7, force=True)
+    assert {m for (layer, m) in vals if layer == "0"} >= {"effective_rank", "rankme", "eps_rank"}
+
+
+def test_an_empty_layer_output_fails_alone_in_a_flush(tmp_path):
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(12, 8)
+            self.e = nn.Linear(12, 8)
+
+        def forward(self, x):
+            return self.a(x) + self.e(x[:0]).sum()  # the "expert" e sees no rows
+
+    model = TwoHeads()
+    with pytest.warns(RuntimeWarning):
+        with dimscope.Tracker(model, probe=torch.randn(32, 12), every=1, layers=["a", "e"], run=tmp_path / "e",
+                              background="batched", weight_metrics=False) as tr:
+            for step in range(3):
+                tr.step(step, loss=1.0)
+    s = dimscope.open_run(tmp_path / "e").metric("stable_rank", "a")
+    assert list(s.index) == [0, 1, 2]
+
+
+def test_metrics_of_a_nan_spectrum_are_nan():
+    s = Spectrum(np.array([np.nan, 1.0]), 10, 2, True)
+    for name in ("stable_rank", "participation_ratio", "effective_rank", "rankme", "nuclear_ratio"):
+        assert np.isnan(compute_metrics(s, [name])[name]), name
+
+
+def test_lanczos_is_not_trapped_by_a_start_that_is_another_eigenvector():
+    G = np.diag(np.linspace(1.0, 2.0, 200))
+    G[0, 0] = 1.9
+    start = np.zeros(200)
+    start[0] = 1.0
+    assert top_eigenvalue(G, start)[0] == pytest.approx(2.0, rel=1e-10)

@@ -72,9 +72,10 @@ def _top(V: np.ndarray) -> np.ndarray:
 
 
 def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
-    """num / den where den > 0, else 0."""
-    ok = den > 0
-    return np.where(ok, num / np.where(ok, den, 1.0), 0.0)
+    """num / den, and 0 where den <= 0 (a NaN stays NaN)."""
+    zero = den <= 0
+    with np.errstate(invalid="ignore"):
+        return np.where(zero, 0.0, num / np.where(zero, 1.0, den))
 
 
 def stable_rank_from_moments(trace: np.ndarray, top: np.ndarray) -> np.ndarray:
@@ -98,21 +99,21 @@ def _participation_ratio_k(V: np.ndarray, tr: np.ndarray) -> np.ndarray:
 def _exp_entropy(P: np.ndarray) -> np.ndarray:
     """exp(−Σ p log p) over each row, terms with p <= 0 left out."""
     with np.errstate(divide="ignore", invalid="ignore"):
-        terms = np.where(P > 0, P * np.log(np.where(P > 0, P, 1.0)), 0.0)
+        terms = np.where(P <= 0, 0.0, P * np.log(np.where(P <= 0, 1.0, P)))  # a NaN stays NaN
     return np.exp(-terms.sum(axis=1))
 
 
 def _effective_rank_k(V: np.ndarray, tr: np.ndarray) -> np.ndarray:
     total = V.sum(axis=1)
-    ok = total > 0
-    return np.where(ok, _exp_entropy(V / np.where(ok, total, 1.0)[:, None]), 0.0)
+    zero = total <= 0  # a NaN stays NaN
+    return np.where(zero, 0.0, _exp_entropy(V / np.where(zero, 1.0, total)[:, None]))
 
 
 def _rankme_k(V: np.ndarray, tr: np.ndarray) -> np.ndarray:
     S = np.sqrt(V)
     total = S.sum(axis=1)
-    ok = total > 0
-    return np.where(ok, _exp_entropy(S / np.where(ok, total, 1.0)[:, None] + RANKME_EPS), 0.0)
+    zero = total <= 0
+    return np.where(zero, 0.0, _exp_entropy(S / np.where(zero, 1.0, total)[:, None] + RANKME_EPS))
 
 
 def _eps_rank_k(V: np.ndarray, tr: np.ndarray, eps: float = 1e-3, relative: bool = True) -> np.ndarray:

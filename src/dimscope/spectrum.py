@@ -167,8 +167,14 @@ def _lanczos_top(G: np.ndarray, start: np.ndarray | None, rtol: float) -> tuple[
     Q = np.empty((k_max, m))
     alpha = np.empty(k_max)
     beta = np.empty(k_max)
+    r = np.random.default_rng(0).standard_normal(m)
     ok_start = start is not None and start.shape == (m,) and bool(np.all(np.isfinite(start))) and bool(np.any(start))
-    v = np.asarray(start, dtype=np.float64) if ok_start else np.random.default_rng(0).standard_normal(m)
+    if ok_start:
+        # a little of the random vector too: a start that is exactly some other eigenvector would
+        # leave Lanczos in that eigenvector's invariant subspace
+        v = np.asarray(start, dtype=np.float64) / np.linalg.norm(start) + 1e-3 * r / np.linalg.norm(r)
+    else:
+        v = r
     Q[0] = v / np.linalg.norm(v)
     for k in range(k_max):
         w = G @ Q[k]
@@ -325,8 +331,15 @@ def batch_spectra(
     # (index, its Gram matrix, n, d) by Gram size, for whole spectra and for moments
     full: dict[int, list[tuple[int, np.ndarray, int, int]]] = {}
     moments: dict[int, list[tuple[int, np.ndarray, int, int]]] = {}
-    for (_, _, _, center), idx in groups.items():
-        Gn, finite, n, d = _grams64([tasks[i][0] for i in idx], center)
+    for (shape, _, _, center), idx in groups.items():
+        try:
+            if shape[0] < 1 or int(np.prod(shape[1:])) < 1:
+                raise ValueError(f"A spectrum needs at least 1 sample and 1 feature. Got a matrix of shape {shape}.")
+            Gn, finite, n, d = _grams64([tasks[i][0] for i in idx], center)
+        except Exception as e:  # noqa: BLE001 - in each task's place
+            for i in idx:
+                out[i] = e
+            continue
         for j, i in enumerate(idx):
             if not finite[j]:
                 what = "weight" if center is None else "feature"
@@ -334,7 +347,18 @@ def batch_spectra(
                 continue
             (full if tasks[i][2] else moments).setdefault(Gn.shape[1], []).append((i, Gn[j], n, d))
     for size, items in full.items():
-        raw = _eigvalsh_stack(np.stack([g for _, g, _, _ in items]), threads)[:, ::-1]  # reads one triangle
+        try:
+            raw = _eigvalsh_stack(np.stack([g for _, g, _, _ in items]), threads)[:, ::-1]  # reads one triangle
+        except Exception:  # noqa: BLE001 - one by one, so that a failure stays with its own task
+            kept, rows_ok = [], []
+            for it in items:
+                try:
+                    rows_ok.append(np.linalg.eigvalsh(it[1])[::-1])
+                    kept.append(it)
+                except Exception as e:  # noqa: BLE001
+                    out[it[0]] = e
+            items = kept
+            raw = np.array(rows_ok).reshape(len(kept), size)
         for m, rows in _by_ceiling(items, tasks).items():
             E, bad = _clean_stack(raw[rows, :m], size)
             traces = E.sum(axis=1)

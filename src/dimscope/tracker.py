@@ -36,6 +36,7 @@ every buffered or queued measurement; a SIGKILL loses at most the measurements s
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hashlib
 import os
 
@@ -417,11 +418,11 @@ class Tracker:
 
         self.store = RunStore(run, overwrite=overwrite, commit_every=commit_every, commit_seconds=commit_seconds) if run is not None else None
         self._write_manifest(config)
+        where = self._resolve_background(background)
         self._batch_capture: capture | None = None
         if "batch" in modes:
             self._batch_capture = capture(model, self.layers, clone=True, only_grad=True)
             self._batch_capture.__enter__()
-        where = self._resolve_background(background)
         self.background = where == "thread"
         self.batched = where == "batched"
         # The flush runs on the training thread while training waits: its eigendecompositions may
@@ -545,7 +546,7 @@ class Tracker:
                 if len(self._train_rows) >= 2048:
                     self._submit(self._flush_rows_job(self._take_train_rows()))
                 return None
-            return self._measure(step, now)
+            return self._measure(step, now, force)
         finally:
             if self._batch_capture is not None and not self._batch_armed_always:
                 # Hooks live only for the training forward before a step that will be measured (a
@@ -613,8 +614,8 @@ class Tracker:
         norms = torch._foreach_norm(grads)
         return float(torch.linalg.vector_norm(torch.stack([n.to(torch.float64) for n in norms])))
 
-    def _measure(self, step: int, now: float) -> dict[tuple[str, str], float] | None:
-        full = self._needs_spectrum and step % self.spectra_every == 0
+    def _measure(self, step: int, now: float, force: bool = False) -> dict[tuple[str, str], float] | None:
+        full = self._needs_spectrum and (force or step % self.spectra_every == 0)
         measure_any = full or bool(self._moment_spec)
         feats = self._collect_features(step) if measure_any else {}
         weights: dict[str, torch.Tensor] = {}
@@ -665,7 +666,10 @@ class Tracker:
         pending, self._pending, self._pending_bytes = self._pending, [], 0
         if not pending:
             return
-        results = self._results(pending)
+        try:
+            results = self._results(pending)
+        except Exception as e:  # noqa: BLE001 - each measurement then fails alone, with a warning
+            results = ({key: e for key, *_ in self._tasks(pending)}, {})
         for m in pending:
             _run_job(lambda m=m: self._finish(m, results), self.errors)
         if self.store is not None and not self.store.closed:
@@ -695,7 +699,8 @@ class Tracker:
         tasks = self._tasks(pending)
         spectra: _Spectra = {}
         if type(self).features_to_spectrum is Tracker.features_to_spectrum:
-            with _one_blas_thread():
+            # one BLAS thread while training waits; a background thread leaves the global limit alone
+            with _one_blas_thread() if not self.background else contextlib.nullcontext():
                 got = batch_spectra([(t, c, full) for _, t, c, full, _ in tasks], threads=self._eig_threads,
                                     starts=self._top_vectors, slots=[slot for *_, slot in tasks])
             for (key, *_), r in zip(tasks, got):
@@ -749,8 +754,11 @@ class Tracker:
         specs: list[tuple[int, float, str, Spectrum, str, str]] = []  # to store
         values: dict[tuple[str, str], float] = {}
         primary = self.convention_name(self.modes[0], self.conventions[0])
+        failed: list[tuple[str, BaseException]] = []
+        attempted = [0]
 
         def metrics_of(key: _Key, layer: str, space: str) -> tuple[Spectrum | None, dict[str, float]]:
+            attempted[0] += 1
             r = spectra[key]
             if isinstance(r, NonFiniteError):
                 if space == "activation" and layer not in self._nonfinite_warned:
@@ -762,8 +770,9 @@ class Tracker:
                         stacklevel=4,
                     )
                 return None, {k: float("nan") for k in names}
-            if isinstance(r, BaseException):
-                raise r
+            if isinstance(r, BaseException):  # this layer only; the others are kept
+                failed.append((layer, r))
+                return None, {}
             vals = metric_values[key]
             return (r if isinstance(r, Spectrum) and m.full else None), {k: vals[k] for k in names}
 
@@ -785,6 +794,14 @@ class Tracker:
                 values[(layer, f"weight/{metric}")] = v
             if spec is not None:
                 specs.append((step, now, layer, spec, "weight", "weight"))
+        if failed:
+            if len(failed) == attempted[0]:
+                raise failed[0][1]  # nothing measured: the measurement fails (and is skipped) as a whole
+            for layer, e in failed:
+                if layer not in self._nonfinite_warned:  # once per layer, like NaN activations
+                    self._nonfinite_warned.add(layer)
+                    warnings.warn(f"dimscope: layer {layer!r} could not be measured at step {step} and is skipped "
+                                  f"where it fails: {e!r}", RuntimeWarning, stacklevel=4)
         for r in m.rows:
             values[("", r[3])] = r[4]
         if self.store is not None:
