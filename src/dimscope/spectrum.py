@@ -249,7 +249,7 @@ def _pool(workers: int) -> Any:
 
 # Threads pay off only for a large stack: right after a torch op, torch's OpenMP workers keep
 # spinning on the other cores for a while, and a short job on a second thread only competes with them.
-_THREADS_MIN_WORK = 2 * 256**3
+_THREADS_MIN_WORK = 8 * 128**3
 
 
 def _eigvalsh_stack(G: np.ndarray, threads: int) -> np.ndarray:
