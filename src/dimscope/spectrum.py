@@ -156,8 +156,9 @@ class Moments:
 
 
 # Below this size a (stacked) full eigendecomposition costs less than Lanczos's iterations.
-_LANCZOS_MIN_SIZE = 160
+_LANCZOS_MIN_SIZE = 96
 _LANCZOS_MAX_ITER = 120
+_LANCZOS_CHECK = 4  # test for convergence every this many iterations
 
 
 def _lanczos_top(G: np.ndarray, start: np.ndarray | None, rtol: float) -> tuple[float, np.ndarray] | None:
@@ -182,7 +183,7 @@ def _lanczos_top(G: np.ndarray, start: np.ndarray | None, rtol: float) -> tuple[
         Qk = Q[: k + 1]
         w -= (Qk @ w) @ Qk  # full reorthogonalisation: the three-term recurrence and its correction
         b = beta[k] = float(np.sqrt(w @ w))
-        if k % 6 == 5 or k == k_max - 1 or b == 0.0:
+        if k % _LANCZOS_CHECK == _LANCZOS_CHECK - 1 or k == k_max - 1 or b == 0.0:
             T = np.diag(alpha[: k + 1])
             if k:
                 i = np.arange(k)
@@ -209,7 +210,7 @@ def top_eigenvalues(
     Lanczos with full reorthogonalisation, from ``starts`` (the previous measurement's top vectors
     make good ones) or a fixed-seed random vector. It stops when the error estimate of the top
     Ritz value, min(‖r‖, ‖r‖² / gap) with r the Ritz residual and gap the distance to the next
-    Ritz value, is below ``rtol`` · λ_1. Matrices smaller than 160 (where a full eigendecomposition
+    Ritz value, is below ``rtol`` · λ_1. Matrices smaller than 96 (where a full eigendecomposition
     is cheaper), and any that has not converged after 120 iterations, get a full eigendecomposition
     instead (vector None), so every value is accurate to round-off.
     """
