@@ -60,6 +60,7 @@ def _worker(rank: int, world: int, tmp: str) -> None:
                     torch.save(model.state_dict(), f"{tmp}/state_step{step}.pt")
         tracker.close()
         assert tracker.probe_bounds == shard_bounds(PROBE_N, world, rank)
+        dist.barrier()  # neither rank tears the group down while the other may still be using it
     finally:
         dist.destroy_process_group()
 
@@ -181,6 +182,7 @@ def _fsdp_worker(rank: int, world: int, tmp: str) -> None:
             torch.save(state, f"{tmp}/state.pt")
             torch.save(values, f"{tmp}/values.pt")
         tracker.close()
+        dist.barrier()  # neither rank tears the group down while the other may still be using it
     finally:
         dist.destroy_process_group()
 

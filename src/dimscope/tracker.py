@@ -23,8 +23,9 @@ metrics and SQLite writes then run in one of three places (``background``):
   and, at each commit (every ``commit_every`` measurements or ``commit_seconds``), their spectra
   are computed together by :func:`~dimscope.spectrum.batch_spectra` while training waits (float64
   Gram matrices by torch on training's threads, same-size eigendecompositions stacked and, when
-  large, split over those threads) and written with one commit. A thread running beside training would stall torch's OpenMP workers, which spin
-  on the other cores between ops; a burst at the commit does not.
+  large, split over those threads) and written with one commit. A thread running beside training
+  would stall torch's OpenMP workers, which spin on the other cores between ops; a burst at the
+  commit does not.
 * ``True`` (the default on an accelerator, or when torch leaves CPU cores free): one background
   thread with a bounded queue, so a slow measurement applies back-pressure instead of growing memory.
 * ``False``: everything inline at the measured step, and :meth:`Tracker.step` returns the values.
