@@ -208,19 +208,93 @@ def test_an_empty_layer_output_fails_alone_in_a_flush(tmp_path):
             return self.a(x) + self.e(x[:0]).sum()  # the "expert" e sees no rows
 
     model = TwoHeads()
-    with pytest.warns(RuntimeWarning):
+    with pytest.warns(RuntimeWarning, match="layer 'e' could not be measured at step 0") as w:
         with dimscope.Tracker(model, probe=torch.randn(32, 12), every=1, layers=["a", "e"], run=tmp_path / "e",
                               background="batched", weight_metrics=False) as tr:
             for step in range(3):
                 tr.step(step, loss=1.0)
-    s = dimscope.open_run(tmp_path / "e").metric("stable_rank", "a")
-    assert list(s.index) == [0, 1, 2]
+    assert not any("measurement failed" in str(x.message) for x in w)
+    run = dimscope.open_run(tmp_path / "e")
+    assert list(run.metric("stable_rank", "a").index) == [0, 1, 2]
+    assert list(run.training("loss").index) == [0, 1, 2]
+    # the only layer fails: the measurements are skipped, the losses are kept
+    with pytest.warns(RuntimeWarning, match="a measurement failed and was skipped"):
+        with dimscope.Tracker(model, probe=torch.randn(32, 12), every=2, layers=["e"], run=tmp_path / "only",
+                              weight_metrics=False) as tr:
+            for step in range(6):
+                tr.step(step, loss=float(step))
+    assert list(dimscope.open_run(tmp_path / "only").training("loss").index) == list(range(6))
+
+
+def test_a_failing_lanczos_fails_its_layer_only(tmp_path, monkeypatch):
+    import sys
+
+    kernel = sys.modules["dimscope.spectrum"]
+
+    def broken(*a, **k):
+        raise np.linalg.LinAlgError("did not converge")
+
+    monkeypatch.setattr(kernel, "_lanczos_top", broken)
+    probe = torch.randn(300, 12, generator=torch.Generator().manual_seed(3))
+    model = wide_mlp()
+    with pytest.warns(RuntimeWarning, match="layer '0' could not be measured"):
+        with dimscope.Tracker(model, probe=probe, every=1, layers=["0", "2"], run=tmp_path / "l", spectra_every=5,
+                              weight_metrics=False) as tr:
+            train_tracked(tr, model, steps=10)
+    run = dimscope.open_run(tmp_path / "l")
+    assert list(run.metric("stable_rank", "2").index) == list(range(10))  # layer 2 (10 wide) needs no Lanczos
+    assert list(run.metric("stable_rank", "0").index) == [0, 5]  # layer 0's whole spectra only
+    assert list(run.training("loss").index) == list(range(10))
+
+
+def test_nan_after_a_failure_still_warns(tmp_path):
+    class Flaky(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(12, 8)
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            out = self.a(x)
+            if self.calls == 1:
+                return out[:0]  # first measurement: no rows
+            return out * float("nan") if self.calls == 2 else out
+
+    model = nn.Sequential(Flaky())
+    with pytest.warns(RuntimeWarning) as w:
+        with dimscope.Tracker(model, probe=torch.randn(16, 12), every=1, layers=["0"], run=tmp_path / "f",
+                              weight_metrics=False, background=False) as tr:
+            for step in range(3):
+                tr.step(step, loss=1.0)
+    msgs = [str(x.message) for x in w]
+    assert any("NaN or Inf activations in layer '0' at step 1" in m for m in msgs)
 
 
 def test_metrics_of_a_nan_spectrum_are_nan():
     s = Spectrum(np.array([np.nan, 1.0]), 10, 2, True)
-    for name in ("stable_rank", "participation_ratio", "effective_rank", "rankme", "nuclear_ratio"):
+    for name in ("stable_rank", "participation_ratio", "effective_rank", "rankme", "nuclear_ratio", "eps_rank", "energy_rank"):
         assert np.isnan(compute_metrics(s, [name])[name]), name
+
+
+def test_lanczos_warm_start_from_a_direction_that_is_no_longer_the_top_one():
+    # two blocks: A fixed at top eigenvalue 1.0, B's top rises past it; the previous top vector lies in A
+    rng = np.random.default_rng(0)
+
+    def block(top):
+        U, _ = np.linalg.qr(rng.standard_normal((100, 100)))
+        return (U * np.r_[top, np.linspace(0.5, 0.01, 99)]) @ U.T
+
+    A = block(1.0)
+    G0 = np.zeros((200, 200))
+    G0[:100, :100], G0[100:, 100:] = A, block(0.99)
+    _, v = top_eigenvalue(G0)
+    for top_b in (1.001, 1.01, 1.05):
+        G = G0.copy()
+        G[100:, 100:] = block(top_b)
+        got, v_new = top_eigenvalue(G, v)
+        assert got == pytest.approx(top_b, rel=1e-10)
+        v = v_new if v_new is not None else v
 
 
 def test_lanczos_is_not_trapped_by_a_start_that_is_another_eigenvector():

@@ -176,7 +176,6 @@ class capture:
         self.enabled = True
         self.outputs: dict[str, torch.Tensor] = {}
         self._handles: list[Any] = []
-        self._modules: list[tuple[str, nn.Module, Callable[..., None]]] | None = None
 
     def _hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
@@ -191,12 +190,10 @@ class capture:
         return hook
 
     def __enter__(self) -> capture:
-        if self._modules is None:  # looked up once: a capture may be entered at every measurement
-            modules = dict(self.model.named_modules())
-            self._modules = [(name, modules[name], self._hook(name)) for name in self.layers]
+        modules = dict(self.model.named_modules())
         try:
-            for _, module, hook in self._modules:
-                self._handles.append(module.register_forward_hook(hook))
+            for name in self.layers:
+                self._handles.append(modules[name].register_forward_hook(self._hook(name)))
         except BaseException:
             self.remove()
             raise

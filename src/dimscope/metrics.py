@@ -119,7 +119,8 @@ def _rankme_k(V: np.ndarray, tr: np.ndarray) -> np.ndarray:
 def _eps_rank_k(V: np.ndarray, tr: np.ndarray, eps: float = 1e-3, relative: bool = True) -> np.ndarray:
     top = _top(V)
     thr = eps * top if relative else np.full(V.shape[0], float(eps))
-    return np.where(top > 0, np.count_nonzero(V > thr[:, None], axis=1), 0).astype(np.float64)
+    out = np.where(top > 0, np.count_nonzero(V > thr[:, None], axis=1), 0).astype(np.float64)
+    return np.where(np.isnan(V).any(axis=1), np.nan, out)
 
 
 def _energy_rank_k(V: np.ndarray, tr: np.ndarray, q: float = 0.9) -> np.ndarray:
@@ -127,7 +128,7 @@ def _energy_rank_k(V: np.ndarray, tr: np.ndarray, q: float = 0.9) -> np.ndarray:
         return np.zeros(V.shape[0])
     below = np.cumsum(V, axis=1) < (q * tr * (1.0 - 1e-12))[:, None]  # the cumulative sum is non-decreasing
     k = np.minimum(np.count_nonzero(below, axis=1) + 1, V.shape[1])
-    return np.where(tr > 0, k, 0).astype(np.float64)
+    return np.where(np.isnan(V).any(axis=1) | np.isnan(tr), np.nan, np.where(tr > 0, k, 0).astype(np.float64))
 
 
 def _nuclear_ratio_k(V: np.ndarray, tr: np.ndarray) -> np.ndarray:

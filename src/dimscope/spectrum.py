@@ -156,7 +156,7 @@ class Moments:
 
 
 # Below this size a (stacked) full eigendecomposition costs less than Lanczos's iterations.
-_LANCZOS_MIN_SIZE = 96
+_LANCZOS_MIN_SIZE = 160
 _LANCZOS_MAX_ITER = 120
 _LANCZOS_CHECK = 4  # test for convergence every this many iterations
 
@@ -171,9 +171,10 @@ def _lanczos_top(G: np.ndarray, start: np.ndarray | None, rtol: float) -> tuple[
     r = np.random.default_rng(0).standard_normal(m)
     ok_start = start is not None and start.shape == (m,) and bool(np.all(np.isfinite(start))) and bool(np.any(start))
     if ok_start:
-        # a little of the random vector too: a start that is exactly some other eigenvector would
-        # leave Lanczos in that eigenvector's invariant subspace
-        v = np.asarray(start, dtype=np.float64) / np.linalg.norm(start) + 1e-3 * r / np.linalg.norm(r)
+        # as much of a random vector as of the start: the previous top vector may now belong to a
+        # lower eigenvalue (two directions crossing), and a start with little weight on the new top
+        # one would converge to the old one's eigenvalue before the new one shows in the Krylov space
+        v = np.asarray(start, dtype=np.float64) / np.linalg.norm(start) + r / np.linalg.norm(r)
     else:
         v = r
     Q[0] = v / np.linalg.norm(v)
@@ -207,12 +208,14 @@ def top_eigenvalues(
     """λ_1 and its eigenvector for each matrix of a (K, m, m) stack of symmetric positive
     semi-definite float64 matrices.
 
-    Lanczos with full reorthogonalisation, from ``starts`` (the previous measurement's top vectors
-    make good ones) or a fixed-seed random vector. It stops when the error estimate of the top
-    Ritz value, min(‖r‖, ‖r‖² / gap) with r the Ritz residual and gap the distance to the next
-    Ritz value, is below ``rtol`` · λ_1. Matrices smaller than 96 (where a full eigendecomposition
-    is cheaper), and any that has not converged after 120 iterations, get a full eigendecomposition
-    instead (vector None), so every value is accurate to round-off.
+    Lanczos with full reorthogonalisation, from ``starts`` (the previous measurement's top vectors)
+    plus an equal part of a fixed-seed random vector, or from the random vector alone. The random
+    part keeps a start that now belongs to a lower eigenvalue (two directions crossing) from
+    converging there before the new top direction shows in the Krylov space. It stops when the
+    error estimate of the top Ritz value, min(‖r‖, ‖r‖² / gap) with r the Ritz residual and gap
+    the distance to the next Ritz value, is below ``rtol`` · λ_1. Matrices smaller than 160 (where
+    a full eigendecomposition is cheaper), and any that has not converged after 120 iterations, get
+    a full eigendecomposition instead (vector None).
     """
     G = np.asarray(G, dtype=np.float64)
     K, m = G.shape[0], G.shape[-1]
@@ -371,19 +374,31 @@ def batch_spectra(
         traces = np.trace(stack, axis1=1, axis2=2)
         sum_sq = np.einsum("kij,kij->k", stack, stack)
         if size < _LANCZOS_MIN_SIZE:
-            tops, vecs = top_eigenvalues(stack)
+            try:
+                tops, vecs = top_eigenvalues(stack)
+            except Exception:  # noqa: BLE001 - one by one, so that a failure stays with its own task
+                tops, vecs = np.full(len(items), np.nan), []
+                for r, (_, g, _, _) in enumerate(items):
+                    try:
+                        tops[r] = top_eigenvalue(g)[0]
+                        vecs.append(None)
+                    except Exception as e:  # noqa: BLE001
+                        vecs.append(e)
         else:  # one by one, in order, each from the latest vector of its slot
             tops, vecs = np.empty(len(items)), []
             starts = {} if starts is None else starts
             for r, (i, g, _, _) in enumerate(items):
                 slot = slots[i] if slots is not None else None
-                top, vec = top_eigenvalue(g, starts.get(slot) if slot is not None else None)
+                try:
+                    top, vec = top_eigenvalue(g, starts.get(slot) if slot is not None else None)
+                except Exception as e:  # noqa: BLE001 - in this task's place
+                    top, vec = float("nan"), e
                 tops[r] = top
                 vecs.append(vec)
-                if slot is not None and vec is not None:
+                if slot is not None and isinstance(vec, np.ndarray):
                     starts[slot] = vec
         for (i, _, n, d), top, vec, tr, sq in zip(items, tops, vecs, traces, sum_sq):
-            out[i] = Moments(float(tr), float(sq), float(top), n, d, bool(tasks[i][1]), vec)
+            out[i] = vec if isinstance(vec, BaseException) else Moments(float(tr), float(sq), float(top), n, d, bool(tasks[i][1]), vec)
     return out
 
 

@@ -415,6 +415,7 @@ class Tracker:
         self._train_rows: list[_Row] = []
         self._main_calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._nonfinite_warned: set[str] = set()
+        self._failure_warned: set[str] = set()
         self.errors: list[BaseException] = []  # measurements that failed (synchronous mode)
 
         self.store = RunStore(run, overwrite=overwrite, commit_every=commit_every, commit_seconds=commit_seconds) if run is not None else None
@@ -437,8 +438,12 @@ class Tracker:
         self._batch_armed_always = False
         self._worker = _Worker(queue_size) if self.background else None
         atexit.register(self._atexit)
-        for ext in extensions:
-            self.add_extension(ext)
+        try:
+            for ext in extensions:
+                self.add_extension(ext)
+        except BaseException:
+            self.close()  # hooks removed, store closed: a constructor that raises leaves nothing behind
+            raise
         if verbose:
             print(f"dimscope: tracking {len(self.layers)} layers: {', '.join(self.layers)}")
 
@@ -797,22 +802,31 @@ class Tracker:
                 specs.append((step, now, layer, spec, "weight", "weight"))
         if failed:
             if len(failed) == attempted[0]:
-                raise failed[0][1]  # nothing measured: the measurement fails (and is skipped) as a whole
+                # nothing measured: the measurement fails (and is skipped) as a whole, its training
+                # scalars (loss...) are kept
+                self._write_rows(m.rows)
+                raise failed[0][1]
             for layer, e in failed:
-                if layer not in self._nonfinite_warned:  # once per layer, like NaN activations
-                    self._nonfinite_warned.add(layer)
+                if layer not in self._failure_warned:  # once per layer
+                    self._failure_warned.add(layer)
                     warnings.warn(f"dimscope: layer {layer!r} could not be measured at step {step} and is skipped "
                                   f"where it fails: {e!r}", RuntimeWarning, stacklevel=4)
         for r in m.rows:
             values[("", r[3])] = r[4]
-        if self.store is not None:
-            self.store.add_scalars(rows)
-            if self.store_spectra and specs:
-                self.store.add_spectra(specs, top_k=self.top_k)
-        else:
-            self.history.extend(dict(zip(("step", "wall_time", "layer", "metric", "value", "space", "convention"), r)) for r in rows)
+        self._write_rows(rows)
+        if self.store is not None and self.store_spectra and specs:
+            self.store.add_spectra(specs, top_k=self.top_k)
         self.latest = values
         return values
+
+    def _write_rows(self, rows: list[_Row]) -> None:
+        """Scalar rows to the store, or to :attr:`history` when there is no run directory."""
+        if not rows:
+            return
+        if self.store is not None:
+            self.store.add_scalars(rows)
+        else:
+            self.history.extend(dict(zip(("step", "wall_time", "layer", "metric", "value", "space", "convention"), r)) for r in rows)
 
     # -- ending ----------------------------------------------------------------------------------
     def _drain_main_calls(self) -> None:
