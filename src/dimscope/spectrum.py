@@ -135,7 +135,7 @@ def _eigvalsh_desc(G: torch.Tensor) -> np.ndarray:
 @dataclass(frozen=True)
 class Moments:
     """What the moment metrics need of a covariance, without its eigendecomposition: tr C, tr C² (=
-    Σλ² = ‖C‖_F²) and λ_1 (by Lanczos, to round-off; see :func:`top_eigenvalue`), with the shape it
+    Σλ² = ‖C‖_F²) and λ_1 (by Lanczos, certified to 1e-10; see :func:`top_eigenvalues`), with the shape it
     came from. ``vector`` is the top eigenvector of the Gram matrix that was used (a warm start for
     the next measurement)."""
 
@@ -161,20 +161,44 @@ _LANCZOS_MAX_ITER = 120
 _LANCZOS_CHECK = 4  # test for convergence every this many iterations
 
 
-def _lanczos_top(G: np.ndarray, start: np.ndarray | None, rtol: float) -> tuple[float, np.ndarray] | None:
-    """Lanczos with full reorthogonalisation for the top eigenpair; None if not converged."""
+_BLAS_CONTROLLER: Any = None
+
+
+def _one_blas_thread() -> Any:
+    """A context in which numpy/scipy's BLAS uses one thread (threads of their own would fight
+    torch's OpenMP workers, which spin on the other cores between training ops)."""
+    global _BLAS_CONTROLLER
+    try:
+        if _BLAS_CONTROLLER is None:
+            from threadpoolctl import ThreadpoolController
+
+            _BLAS_CONTROLLER = ThreadpoolController()
+        return _BLAS_CONTROLLER.limit(limits=1, user_api="blas")
+    except Exception:  # pragma: no cover - threadpoolctl missing or unable to inspect the libraries
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+# λ_1 from Lanczos is accepted only with a certificate that no eigenvalue exceeds it by this much.
+_CERTIFY_RTOL = 1e-10
+
+
+def _usable_start(start: np.ndarray | None, m: int) -> bool:
+    return start is not None and start.shape == (m,) and bool(np.all(np.isfinite(start))) and bool(np.any(start))
+
+
+def _lanczos_top(G: np.ndarray, start: np.ndarray | None, rtol: float, mix: float = 1e-3) -> tuple[float, np.ndarray] | None:
+    """Lanczos with full reorthogonalisation for the top eigenpair, from ``start`` plus ``mix`` of a
+    fixed random vector (or the random vector alone); None if not converged."""
     m = G.shape[0]
     k_max = min(m, _LANCZOS_MAX_ITER)
     Q = np.empty((k_max, m))
     alpha = np.empty(k_max)
     beta = np.empty(k_max)
     r = np.random.default_rng(0).standard_normal(m)
-    ok_start = start is not None and start.shape == (m,) and bool(np.all(np.isfinite(start))) and bool(np.any(start))
-    if ok_start:
-        # as much of a random vector as of the start: the previous top vector may now belong to a
-        # lower eigenvalue (two directions crossing), and a start with little weight on the new top
-        # one would converge to the old one's eigenvalue before the new one shows in the Krylov space
-        v = np.asarray(start, dtype=np.float64) / np.linalg.norm(start) + r / np.linalg.norm(r)
+    if _usable_start(start, m):
+        v = np.asarray(start, dtype=np.float64) / np.linalg.norm(start) + mix * r / np.linalg.norm(r)
     else:
         v = r
     Q[0] = v / np.linalg.norm(v)
@@ -202,6 +226,31 @@ def _lanczos_top(G: np.ndarray, start: np.ndarray | None, rtol: float) -> tuple[
     return None
 
 
+def _all_below(G: np.ndarray, t: float) -> bool:
+    """True when every eigenvalue of the symmetric matrix G is below t: t·I − G is positive definite
+    (it has a Cholesky factor). Round-off moves the test by about m·eps·‖G‖, far below the margins
+    it is used with."""
+    from scipy.linalg import lapack
+
+    A = np.negative(G)
+    A.flat[:: G.shape[0] + 1] += t
+    with _one_blas_thread():  # scipy's BLAS threads, left spinning, would slow numpy's next LAPACK calls
+        _, info = lapack.dpotrf(A.T, lower=False, clean=False, overwrite_a=True)  # A.T: the same matrix, Fortran order
+    return info == 0
+
+
+def _certified_top(G: np.ndarray, start: np.ndarray | None, rtol: float) -> tuple[float, np.ndarray | None]:
+    """λ_1 by Lanczos, accepted only when certified: a Ritz value θ never exceeds λ_1, and
+    θ·(1 + 1e-10)·I − G positive definite shows λ_1 < θ·(1 + 1e-10). A warm start (with 1e-3 of a
+    random vector) is tried first, then a random start; if neither is certified, a full
+    eigendecomposition."""
+    for s in ((start, None) if _usable_start(start, G.shape[0]) else (None,)):
+        got = _lanczos_top(G, s, rtol)
+        if got is not None and got[0] > 0 and _all_below(G, got[0] * (1.0 + _CERTIFY_RTOL)):
+            return got
+    return float(np.linalg.eigvalsh(G)[-1]), None
+
+
 def top_eigenvalues(
     G: np.ndarray, starts: list[np.ndarray | None] | None = None, *, rtol: float = 1e-12
 ) -> tuple[np.ndarray, list[np.ndarray | None]]:
@@ -209,13 +258,14 @@ def top_eigenvalues(
     semi-definite float64 matrices.
 
     Lanczos with full reorthogonalisation, from ``starts`` (the previous measurement's top vectors)
-    plus an equal part of a fixed-seed random vector, or from the random vector alone. The random
-    part keeps a start that now belongs to a lower eigenvalue (two directions crossing) from
-    converging there before the new top direction shows in the Krylov space. It stops when the
-    error estimate of the top Ritz value, min(‖r‖, ‖r‖² / gap) with r the Ritz residual and gap
-    the distance to the next Ritz value, is below ``rtol`` · λ_1. Matrices smaller than 160 (where
-    a full eigendecomposition is cheaper), and any that has not converged after 120 iterations, get
-    a full eigendecomposition instead (vector None).
+    or a fixed-seed random vector, stopped when the error estimate of the top Ritz value,
+    min(‖r‖, ‖r‖² / gap) with r the Ritz residual and gap the distance to the next Ritz value, is
+    below ``rtol`` · λ_1. The result is then certified: a Ritz value θ never exceeds λ_1, and a
+    Cholesky factor of θ·(1 + 1e-10)·I − G shows that no eigenvalue exceeds θ·(1 + 1e-10), so θ is
+    within 1e-10 of λ_1. (A warm start can converge to a lower eigenvalue when the previous top
+    direction has been overtaken; the certificate catches that, and a random start follows.)
+    Matrices smaller than 160 (where a full eigendecomposition is cheaper), and any whose value is
+    not certified, get a full eigendecomposition instead (vector None).
     """
     G = np.asarray(G, dtype=np.float64)
     K, m = G.shape[0], G.shape[-1]
@@ -224,11 +274,7 @@ def top_eigenvalues(
         return (np.linalg.eigvalsh(G)[:, -1] if m else np.zeros(K)), vecs
     top = np.empty(K)
     for j in range(K):
-        got = _lanczos_top(G[j], None if starts is None else starts[j], rtol)
-        if got is None:
-            top[j] = np.linalg.eigvalsh(G[j])[-1]
-        else:
-            top[j], vecs[j] = got
+        top[j], vecs[j] = _certified_top(G[j], None if starts is None else starts[j], rtol)
     return top, vecs
 
 

@@ -57,7 +57,7 @@ from . import __version__
 from ._validation import check_choice, check_int
 from .capture import LayerSelection, capture, iter_layer_weights, resolve_layers, to_features
 from .metrics import DEFINITIONS, MOMENT_METRICS, _normalize_metric_spec, compute_metrics_batch, moment_metrics
-from .spectrum import NonFiniteError, Spectrum, batch_spectra, spectrum, weight_spectrum
+from .spectrum import NonFiniteError, Spectrum, _one_blas_thread, batch_spectra, spectrum, weight_spectrum
 from .store import RunStore
 
 __all__ = ["Tracker", "TrackerExtension", "probe_forward"]
@@ -91,25 +91,6 @@ class _Measurement:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
-
-
-_BLAS_CONTROLLER: Any = None
-
-
-def _one_blas_thread() -> Any:
-    """A context in which numpy/scipy's BLAS uses one thread (threads of their own would fight
-    torch's OpenMP workers, which spin on the other cores between training ops)."""
-    global _BLAS_CONTROLLER
-    try:
-        if _BLAS_CONTROLLER is None:
-            from threadpoolctl import ThreadpoolController
-
-            _BLAS_CONTROLLER = ThreadpoolController()
-        return _BLAS_CONTROLLER.limit(limits=1, user_api="blas")
-    except Exception:  # pragma: no cover - threadpoolctl missing or unable to inspect the libraries
-        import contextlib
-
-        return contextlib.nullcontext()
 
 
 class TrackerExtension:
@@ -473,8 +454,8 @@ class Tracker:
             "spectra_top_k": self.top_k,
             "store_spectra": self.store_spectra,
             "spectra_every": self.spectra_every,
-            "moment_metrics": "stable_rank and participation_ratio from tr C, tr C^2 and lambda_1 (Lanczos, "
-            "error estimate <= 1e-12 lambda_1) at measurements without the whole spectrum",
+            "moment_metrics": "stable_rank and participation_ratio from tr C, tr C^2 and lambda_1 (Lanczos, certified "
+            "within 1e-10 lambda_1 by a Cholesky test, else a full eigendecomposition) at measurements without the whole spectrum",
             "weight_metrics": self.weight_metrics,
             "weight_every": self.weight_every,
             "grad_norm": self.grad_norm,
