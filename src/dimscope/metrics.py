@@ -117,6 +117,7 @@ def _rankme_k(V: np.ndarray, tr: np.ndarray) -> np.ndarray:
 
 
 def _eps_rank_k(V: np.ndarray, tr: np.ndarray, eps: float = 1e-3, relative: bool = True) -> np.ndarray:
+    eps = check_float(eps, "eps", low=0.0, owner="eps_rank")
     top = _top(V)
     thr = eps * top if relative else np.full(V.shape[0], float(eps))
     out = np.where(top > 0, np.count_nonzero(V > thr[:, None], axis=1), 0).astype(np.float64)
@@ -124,6 +125,7 @@ def _eps_rank_k(V: np.ndarray, tr: np.ndarray, eps: float = 1e-3, relative: bool
 
 
 def _energy_rank_k(V: np.ndarray, tr: np.ndarray, q: float = 0.9) -> np.ndarray:
+    q = check_float(q, "q", low=0.0, high=1.0, low_inclusive=False, owner="energy_rank")
     if V.shape[1] == 0:
         return np.zeros(V.shape[0])
     below = np.cumsum(V, axis=1) < (q * tr * (1.0 - 1e-12))[:, None]  # the cumulative sum is non-decreasing
@@ -163,13 +165,11 @@ def rankme(s: Spectrum) -> float:
 
 def eps_rank(s: Spectrum, eps: float = 1e-3, relative: bool = True) -> float:
     """#{λ_i > ε·λ_1} if ``relative`` else #{λ_i > ε}."""
-    eps = check_float(eps, "eps", low=0.0, owner="eps_rank")
     return _one(_eps_rank_k, s, eps=eps, relative=relative)
 
 
 def energy_rank(s: Spectrum, q: float = 0.9) -> float:
     """The smallest k with Σ_{i≤k} λ_i ≥ q·Σλ ("cumulative energy 90" for q = 0.9)."""
-    q = check_float(q, "q", low=0.0, high=1.0, low_inclusive=False, owner="energy_rank")
     return _one(_energy_rank_k, s, q=q)
 
 
@@ -260,11 +260,7 @@ def compute_metrics_batch(
     tr = np.asarray(traces, dtype=np.float64).reshape(-1)
     out = {}
     for name, params in spec.items():
-        if "eps" in params:
-            params = {**params, "eps": check_float(params["eps"], "eps", low=0.0, owner="eps_rank")}
-        if "q" in params:
-            params = {**params, "q": check_float(params["q"], "q", low=0.0, high=1.0, low_inclusive=False, owner="energy_rank")}
-        out[name] = _KERNELS[name](V, tr, **params)
+        out[name] = _KERNELS[name](V, tr, **params)  # the kernels check their parameters
     return out
 
 

@@ -136,8 +136,7 @@ def _eigvalsh_desc(G: torch.Tensor) -> np.ndarray:
 class Moments:
     """What the moment metrics need of a covariance, without its eigendecomposition: tr C, tr C² (=
     Σλ² = ‖C‖_F²) and λ_1 (by Lanczos, certified to 1e-10; see :func:`top_eigenvalues`), with the shape it
-    came from. ``vector`` is the top eigenvector of the Gram matrix that was used (a warm start for
-    the next measurement)."""
+    came from."""
 
     trace: float
     sum_sq: float
@@ -145,7 +144,6 @@ class Moments:
     n_samples: int
     n_features: int
     centered: bool = True
-    vector: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def ceiling(self) -> int:
@@ -378,9 +376,9 @@ def batch_spectra(
         if t.ndim < 2:
             raise ValueError(f"batch_spectra needs matrices (samples x features). Got shape {tuple(t.shape)}.")
         groups.setdefault((tuple(t.shape), t.dtype, t.device, center), []).append(i)
-    # (index, its Gram matrix, n, d) by Gram size, for whole spectra and for moments
+    # (index, its Gram matrix, n, d): by Gram size for whole spectra, in task order for moments
     full: dict[int, list[tuple[int, np.ndarray, int, int]]] = {}
-    moments: dict[int, list[tuple[int, np.ndarray, int, int]]] = {}
+    moments: list[tuple[int, np.ndarray, int, int]] = []
     for (shape, _, _, center), idx in groups.items():
         try:
             if shape[0] < 1 or int(np.prod(shape[1:])) < 1:
@@ -395,7 +393,10 @@ def batch_spectra(
                 what = "weight" if center is None else "feature"
                 out[i] = NonFiniteError(f"The {what} matrix holds NaN or Inf values.")
                 continue
-            (full if tasks[i][2] else moments).setdefault(Gn.shape[1], []).append((i, Gn[j], n, d))
+            if tasks[i][2]:
+                full.setdefault(Gn.shape[1], []).append((i, Gn[j], n, d))
+            else:
+                moments.append((i, Gn[j], n, d))
     for size, items in full.items():
         try:
             raw = _eigvalsh_stack(np.stack([g for _, g, _, _ in items]), threads)[:, ::-1]  # reads one triangle
@@ -415,36 +416,17 @@ def batch_spectra(
             for r, ev, tr, not_psd in zip(rows, E, traces, bad):
                 i, _, n, d = items[r]
                 out[i] = _not_psd(raw[r, :m]) if not_psd else Spectrum(ev, n, d, bool(tasks[i][1]), float(tr))
-    for size, items in moments.items():
-        stack = np.stack([g for _, g, _, _ in items])
-        traces = np.trace(stack, axis1=1, axis2=2)
-        sum_sq = np.einsum("kij,kij->k", stack, stack)
-        if size < _LANCZOS_MIN_SIZE:
-            try:
-                tops, vecs = top_eigenvalues(stack)
-            except Exception:  # noqa: BLE001 - one by one, so that a failure stays with its own task
-                tops, vecs = np.full(len(items), np.nan), []
-                for r, (_, g, _, _) in enumerate(items):
-                    try:
-                        tops[r] = top_eigenvalue(g)[0]
-                        vecs.append(None)
-                    except Exception as e:  # noqa: BLE001
-                        vecs.append(e)
-        else:  # one by one, in order, each from the latest vector of its slot
-            tops, vecs = np.empty(len(items)), []
-            starts = {} if starts is None else starts
-            for r, (i, g, _, _) in enumerate(items):
-                slot = slots[i] if slots is not None else None
-                try:
-                    top, vec = top_eigenvalue(g, starts.get(slot) if slot is not None else None)
-                except Exception as e:  # noqa: BLE001 - in this task's place
-                    top, vec = float("nan"), e
-                tops[r] = top
-                vecs.append(vec)
-                if slot is not None and isinstance(vec, np.ndarray):
-                    starts[slot] = vec
-        for (i, _, n, d), top, vec, tr, sq in zip(items, tops, vecs, traces, sum_sq):
-            out[i] = vec if isinstance(vec, BaseException) else Moments(float(tr), float(sq), float(top), n, d, bool(tasks[i][1]), vec)
+    starts = {} if starts is None else starts
+    for i, g, n, d in moments:  # in order: each from the latest top vector of its slot
+        slot = slots[i] if slots is not None else None
+        try:
+            top, vec = top_eigenvalue(g, starts.get(slot))
+        except Exception as e:  # noqa: BLE001 - in this task's place
+            out[i] = e
+            continue
+        if slot is not None and vec is not None:
+            starts[slot] = vec
+        out[i] = Moments(float(np.trace(g)), float(np.einsum("ij,ij->", g, g)), top, n, d, bool(tasks[i][1]))
     return out
 
 

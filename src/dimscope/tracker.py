@@ -57,7 +57,7 @@ from . import __version__
 from ._validation import check_choice, check_int
 from .capture import LayerSelection, capture, iter_layer_weights, resolve_layers, to_features
 from .metrics import DEFINITIONS, MOMENT_METRICS, _normalize_metric_spec, compute_metrics_batch, moment_metrics
-from .spectrum import NonFiniteError, Spectrum, _one_blas_thread, batch_spectra, spectrum, weight_spectrum
+from .spectrum import Moments, NonFiniteError, Spectrum, _one_blas_thread, batch_spectra, spectrum, weight_spectrum
 from .store import RunStore
 
 __all__ = ["Tracker", "TrackerExtension", "probe_forward"]
@@ -708,7 +708,7 @@ class Tracker:
         for key, r in spectra.items():
             if isinstance(r, Spectrum):
                 by_len.setdefault(len(r.values), []).append(key)
-            elif r is not None and not isinstance(r, BaseException):  # Moments
+            elif isinstance(r, Moments):
                 moments.append(key)
         for keys in by_len.values():
             specs = [spectra[k] for k in keys]
@@ -716,7 +716,7 @@ class Tracker:
             for i, k in enumerate(keys):
                 out[k] = {name: float(v[i]) for name, v in vals.items()}
         if moments:
-            ms: list[Any] = [spectra[k] for k in moments]
+            ms: list[Moments] = [spectra[k] for k in moments]
             vals = moment_metrics(np.array([x.trace for x in ms]), np.array([x.top for x in ms]), np.array([x.sum_sq for x in ms]), self._moment_spec)
             for i, k in enumerate(moments):
                 out[k] = {name: float(v[i]) for name, v in vals.items()}
@@ -742,10 +742,8 @@ class Tracker:
         values: dict[tuple[str, str], float] = {}
         primary = self.convention_name(self.modes[0], self.conventions[0])
         failed: list[tuple[str, BaseException]] = []
-        attempted = [0]
 
         def metrics_of(key: _Key, layer: str, space: str) -> tuple[Spectrum | None, dict[str, float]]:
-            attempted[0] += 1
             r = spectra[key]
             if isinstance(r, NonFiniteError):
                 if space == "activation" and layer not in self._nonfinite_warned:
@@ -782,7 +780,7 @@ class Tracker:
             if spec is not None:
                 specs.append((step, now, layer, spec, "weight", "weight"))
         if failed:
-            if len(failed) == attempted[0]:
+            if len(failed) == sum(map(len, m.feats.values())) * len(self.conventions) + len(m.weights):
                 # nothing measured: the measurement fails (and is skipped) as a whole, its training
                 # scalars (loss...) are kept
                 self._write_rows(m.rows)
