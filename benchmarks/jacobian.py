@@ -82,7 +82,7 @@ def jax_jacobian(theta0, Xtr, ytr, lrs, batches, columns: int):  # noqa: ANN001,
         label = f"jax.vmap(jvp) x {columns} columns"
         run = lambda: f(E).T  # noqa: E731
     t = time.perf_counter()
-    lowered = f.lower(th0 if columns >= n else E).compile()
+    f.lower(th0 if columns >= n else E).compile()
     compile_s = time.perf_counter() - t
     t, c = time.perf_counter(), time.process_time()
     J = run()

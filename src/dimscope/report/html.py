@@ -184,7 +184,7 @@ def render_html(
         f"<title>{html.escape(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
         f"<header><h1>{html.escape(title)}</h1><p>{html.escape(subtitle)}</p>"
         f"<nav><ol>{''.join(toc)}</ol></nav></header>\n<main>\n" + "\n".join(body) + "\n</main>\n"
-        f"<footer>dimscope report · self-contained: no script, no external resource</footer>\n</body>\n</html>\n"
+        "<footer>dimscope report · self-contained: no script, no external resource</footer>\n</body>\n</html>\n"
     )
 
 

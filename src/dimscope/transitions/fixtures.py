@@ -86,7 +86,7 @@ def _reps(fn: Callable[[np.random.Generator], np.ndarray], replicates: int, seed
 
 def ndtracker_battery(replicates: int = 10, seed: int = 0, tolerance: int = 5) -> list[Fixture]:
     """ndtracker 2.0's four fixtures (REFERENCE.md §2), with ``replicates`` noise draws each."""
-    t400, t600, t1000 = np.arange(400), np.arange(600), np.arange(1000)
+    t400, t600 = np.arange(400), np.arange(600)
 
     def planted(g: np.random.Generator) -> np.ndarray:
         return np.where(t400 < 200, 10.0, 20.0) + g.normal(0, 0.3, 400)
