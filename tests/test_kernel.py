@@ -12,6 +12,7 @@ from dimscope.spectrum import (
     Moments,
     NonFiniteError,
     Spectrum,
+    Workspace,
     batch_spectra,
     spectrum,
     top_eigenvalue,
@@ -97,6 +98,39 @@ def test_batch_spectra_equal_one_at_a_time():
         assert (s.n_samples, s.n_features, s.centered, len(s.values)) == (w.n_samples, w.n_features, w.centered, len(w.values))
         np.testing.assert_allclose(s.values, w.values, rtol=1e-9, atol=1e-12 * w.values[0])
     assert torch.equal(tall, tall_copy)  # the caller's float64 tensor is not centered in place
+
+
+def test_batch_spectra_with_a_workspace_reuse_buffers_without_mixing_results():
+    """Buffers are reused from call to call, but two stacks of one Gram size in one call (features
+    512 x 64 and a weight 64 x 200: both 64 x 64) get their own, and results of an earlier call are
+    not changed by a later one."""
+    ws = Workspace()
+    g = torch.Generator().manual_seed(1)
+    earlier: list[tuple[list, list]] = []
+    buffers = []
+    for call in range(3):
+        feats = [torch.randn(512, 64, generator=g) * (1 + k) for k in range(3)]
+        weight = torch.randn(64, 200, generator=g)
+        bad = torch.randn(512, 64, generator=g)
+        bad[3, 5] = float("nan")
+        tasks = [(f, True, True) for f in feats] + [(weight, None, True), (feats[0], True, False), (bad, True, True)]
+        got = batch_spectra(tasks, threads=2, workspace=ws)
+        want = [spectrum(f) for f in feats] + [weight_spectrum(weight)]
+        for s, w in zip(got, want):
+            np.testing.assert_allclose(s.values, w.values, rtol=1e-9, atol=1e-12 * w.values[0])
+        assert got[4].trace == pytest.approx(want[0].trace, rel=1e-12)
+        assert got[4].top == pytest.approx(want[0].values[0], rel=1e-10)
+        assert isinstance(got[5], NonFiniteError)
+        earlier.append(([s.values.copy() for s in got[:4]], got[:4]))
+        buffers.append({k: b.data_ptr() for k, b in ws._bufs.items()})
+    for copies, spectra in earlier:  # a later call wrote into the same buffers: these are unchanged
+        for c, s in zip(copies, spectra):
+            np.testing.assert_array_equal(c, s.values)
+    assert buffers[0] and buffers[0] == buffers[1] == buffers[2]  # allocated once, then reused
+    small = Workspace(max_bytes=1024)  # nothing fits: every buffer is allocated per call
+    got = batch_spectra([(feats[0], True, True)], workspace=small)
+    np.testing.assert_allclose(got[0].values, spectrum(feats[0]).values, rtol=1e-9)
+    assert small.nbytes() == 0
 
 
 def test_batch_spectra_moments_equal_the_spectrum():

@@ -57,7 +57,7 @@ from . import __version__
 from ._validation import check_choice, check_int
 from .capture import LayerSelection, capture, iter_layer_weights, resolve_layers, to_features
 from .metrics import DEFINITIONS, MOMENT_METRICS, _normalize_metric_spec, compute_metrics_batch, moment_metrics
-from .spectrum import Moments, NonFiniteError, Spectrum, _one_blas_thread, batch_spectra, spectrum, weight_spectrum
+from .spectrum import Moments, NonFiniteError, Spectrum, Workspace, _one_blas_thread, batch_spectra, spectrum, weight_spectrum
 from .store import RunStore
 
 __all__ = ["Tracker", "TrackerExtension", "probe_forward"]
@@ -366,6 +366,7 @@ class Tracker:
         # requested metric is a moment metric.
         self._needs_spectrum = self.store_spectra or len(self._moment_spec) < len(self.metric_spec)
         self._top_vectors: dict[tuple[str, str, str], np.ndarray] = {}  # Lanczos warm starts
+        self._workspace = Workspace()  # float64 buffers reused by every flush (one flush at a time)
         self.weight_metrics = bool(weight_metrics)
         self.weight_every = (
             10 * self.every if weight_every is None else check_int(weight_every, "weight_every", min_value=1, owner="Tracker")
@@ -689,7 +690,7 @@ class Tracker:
             # one BLAS thread while training waits; a background thread leaves the global limit alone
             with _one_blas_thread() if not self.background else contextlib.nullcontext():
                 got = batch_spectra([(t, c, full) for _, t, c, full, _ in tasks], threads=self._eig_threads,
-                                    starts=self._top_vectors, slots=[slot for *_, slot in tasks])
+                                    starts=self._top_vectors, slots=[slot for *_, slot in tasks], workspace=self._workspace)
             for (key, *_), r in zip(tasks, got):
                 spectra[key] = r
         else:
