@@ -17,17 +17,17 @@ def _eager_values(model, x, layers):
     return {k: dimscope.stable_rank(dimscope.spectrum(v)) for k, v in cap.outputs.items()}
 
 
-def _check(backend, train=True):
+def _check(backend, train=True, every=1):
     torch._dynamo.reset()
     model = mlp(seed=0)
     probe = torch.randn(40, 12, generator=torch.Generator().manual_seed(1))
     # batch mode: the Tracker's hooks are registered BEFORE compilation, then traced into the compiled forward
-    tracker = dimscope.Tracker(model, probe=probe, mode=("probe", "batch"), every=1, layers=["0", "2"],
+    tracker = dimscope.Tracker(model, probe=probe, mode=("probe", "batch"), every=every, layers=["0", "2"],
                                background=False, weight_metrics=False)
     compiled = torch.compile(model, backend=backend)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     g = torch.Generator().manual_seed(2)
-    for step in range(3):
+    for step in range(2 * every + 1):
         x = torch.randn(32, 12, generator=g)
         want_batch = _eager_values(model, x, ["0", "2"])  # eager, the weights the compiled forward will use
         loss = compiled(x).pow(2).mean()
@@ -36,6 +36,8 @@ def _check(backend, train=True):
             loss.backward()
             opt.step()
         vals = tracker.step(step, loss=loss.item())
+        if step % every:
+            continue
         # probe/centered (primary): the fixed probe through the eager module, weights after the update (if any)
         want_probe = _eager_values(model, probe, ["0", "2"])
         for layer in ("0", "2"):
@@ -45,12 +47,17 @@ def _check(backend, train=True):
                      if r["step"] == step and r["convention"] == "batch/centered" and r["metric"] == "stable_rank"}
         assert got_batch == pytest.approx(want_batch, rel=1e-5)
     tracker.close()
+    batch_steps = sorted({r["step"] for r in tracker.history if r["convention"] == "batch/centered"})
+    assert batch_steps == list(range(0, 2 * every + 1, every))
     assert count_hooks(model) == 0
 
 
-def test_hooks_survive_torch_compile_dynamo():
-    """Dynamo tracing (backend='aot_eager': no C compiler needed, the same hook semantics)."""
-    _check("aot_eager")
+@pytest.mark.parametrize("every", [1, 3])
+def test_hooks_survive_torch_compile_dynamo(every):
+    """Dynamo tracing (backend='aot_eager': no C compiler needed, the same hook semantics). With
+    every > 1 the Tracker would otherwise remove its hooks between measurements, and the compiled
+    graph would keep running without them."""
+    _check("aot_eager", every=every)
 
 
 @pytest.mark.slow

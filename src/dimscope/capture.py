@@ -148,6 +148,10 @@ def to_features(t: torch.Tensor, *, max_rows: int | None = 4096, conv: str = "ch
     return _subsample_rows(X, max_rows, seed)
 
 
+# torch.compiler.is_compiling is torch >= 2.3; torch._dynamo.is_compiling before
+_is_compiling: Callable[[], bool] = getattr(getattr(torch, "compiler", None), "is_compiling", None) or torch._dynamo.is_compiling
+
+
 class capture:
     """Context manager that records the output tensor of each named layer on every forward.
 
@@ -158,7 +162,9 @@ class capture:
     ``outputs`` holds, per layer, the detached output tensor of the most recent forward (a
     reference, or a copy with ``clone=True`` — needed when a later in-place op would change it).
     ``enabled`` can be switched off to skip recording; ``only_grad`` records only forwards run
-    with grad enabled (training forwards).
+    with grad enabled (training forwards). ``compiled`` becomes True once a hook has run inside a
+    ``torch.compile``d forward: that graph keeps its hooks as they were when it was traced, so a
+    caller that removes and re-registers hooks must stop doing so.
     """
 
     def __init__(
@@ -175,10 +181,13 @@ class capture:
         self.only_grad = only_grad
         self.enabled = True
         self.outputs: dict[str, torch.Tensor] = {}
+        self.compiled = False
         self._handles: list[Any] = []
 
     def _hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if _is_compiling():
+                self.compiled = True  # Dynamo replays this after each run of the compiled graph
             if not self.enabled or (self.only_grad and not torch.is_grad_enabled()):
                 return
             t = pick_tensor(output)
