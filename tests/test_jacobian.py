@@ -130,6 +130,24 @@ def test_adam_jacobian_fast_equals_generic_and_chunking_is_exact() -> None:
     assert torch.allclose(a.J, b.J, atol=1e-11)
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_adam_jacobian_is_finite_when_a_gradient_stays_zero(optimizer: str) -> None:
+    """An input column that is always 0 (as in load_digits) gives its first-layer weights a gradient
+    of exactly 0 at every step: v = 0, where d sqrt(v)/dv is infinite; J must still be exact."""
+    model, (X, y) = tiny(), data()
+    X[:, 0] = 0.0
+    kw = {**KW, "optimizer": optimizer, "lr": 0.01, "weight_decay": 0.01 if optimizer == "adamw" else 0.0}
+    for method in ("mlp", "generic"):
+        tj = training_jacobian(model, X, y, method=method, **kw)
+        assert torch.isfinite(tj.J).all()
+        eps = 1e-6
+        E = eps * torch.eye(tj.n, dtype=torch.float64)
+        final = functional_train(model, X, y, tj.config, theta0=torch.cat([tj.theta0 + E, tj.theta0 - E]), dtype=torch.float64,
+                                 record=False).theta_final
+        J_fd = ((final[: tj.n] - final[tj.n :]) / (2 * eps)).T
+        assert torch.allclose(tj.J, J_fd, atol=1e-7, rtol=1e-6), (tj.J - J_fd).abs().max()
+
+
 def test_generic_path_on_other_models_and_adjoint_identity() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)).double()

@@ -196,7 +196,10 @@ def make_optimizer(cfg: TrainConfig) -> FunctionalOptimizer:
         v = b2 * v + (1 - b2) * g * g
         k = t + 1
         bc1, bc2 = 1 - b1**k, 1 - b2**k
-        denom = torch.sqrt(v) / math.sqrt(bc2) + eps
+        # sqrt with a zero derivative at v = 0: there v's tangent is 0 too (every gradient so far was
+        # exactly 0, e.g. the weights of an input that is always zero), and 0 * inf would make J NaN
+        pos = v > 0
+        denom = torch.where(pos, torch.sqrt(torch.where(pos, v, 1.0)), 0.0) / math.sqrt(bc2) + eps
         return theta - (lr / bc1) * m / denom, (m, v)
 
     return FunctionalOptimizer(cfg.optimizer, 2, False, adam)
