@@ -229,6 +229,36 @@ def test_export_csv_and_parquet(tmp_path):
         run.export(tmp_path / "x", format="xlsx")
 
 
+def test_every_value_carries_what_it_was_measured_on(tmp_path):
+    """n_samples, n_features, centered, the ceiling and the metrics' parameters come with every
+    measured value, also when no spectrum is stored; a run written before the table existed opens."""
+    import json
+    import sqlite3
+
+    model = mlp()
+    probe = torch.randn(20, 10)  # layer "0": 20 x 32, capped by the probe: ceiling 19 centered, 20 uncentered
+    with dimscope.Tracker(model, probe=probe, every=2, layers=["0", "3"], run=tmp_path / "m", spectra=None, weight_every=2,
+                          conventions=("centered", "uncentered"), metrics={"eps_rank": {"eps": 1e-2}, "stable_rank": {}}) as tr:
+        train(model, tr, steps=5)
+    df = dimscope.open_run(tmp_path / "m").scalars()
+    act = df[df.space == "activation"]
+    assert len(act) == 3 * 2 * 2 * 2 and act[["n_samples", "n_features", "ceiling", "params"]].notna().all().all()
+    shape = {(r.layer, r.convention): (r.n_samples, r.n_features, r.centered, r.ceiling) for r in act.itertuples()}
+    assert shape == {("0", "probe/centered"): (20, 32, 1, 19), ("0", "probe/uncentered"): (20, 32, 0, 20),
+                     ("3", "probe/centered"): (20, 16, 1, 16), ("3", "probe/uncentered"): (20, 16, 0, 16)}
+    assert {json.loads(p)["eps_rank"]["eps"] for p in act.params} == {1e-2}
+    assert json.loads(act.params.iloc[0]) == {"eps_rank": {"eps": 1e-2, "relative": True}}
+    w = df[df.space == "weight"]
+    assert {(r.layer, r.n_samples, r.n_features, r.centered, r.ceiling) for r in w.itertuples()} == {("0", 32, 10, 0, 10), ("3", 16, 32, 0, 16)}
+    assert df[df.space == "training"][["n_samples", "params"]].isna().all().all()
+    con = sqlite3.connect(tmp_path / "m" / "dimscope.sqlite")  # as a run of an older dimscope
+    con.execute("DROP TABLE measured")
+    con.commit()
+    con.close()
+    old = dimscope.open_run(tmp_path / "m").scalars()
+    assert len(old) == len(df) and old["n_samples"].isna().all()
+
+
 def test_conv_and_sequence_outputs():
     conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1))
     tr = dimscope.Tracker(conv, probe=torch.randn(6, 3, 5, 5), every=1, layers=["0", "2"], background=False, max_rows=100)

@@ -392,7 +392,7 @@ def analyze_checkpoints(
     import numpy as np
 
     from .capture import capture, to_features
-    from .metrics import DEFINITIONS, _normalize_metric_spec, compute_metrics
+    from .metrics import DEFINITIONS, _normalize_metric_spec, compute_metrics, metric_params
     from .probes import LinearProbe, ProbeSplit
     from .spectrum import NonFiniteError, spectrum
 
@@ -414,6 +414,7 @@ def analyze_checkpoints(
         if split.n != len(y):
             raise ValueError(f"The 'split' covers {split.n} rows but 'targets' has {len(y)}.")
     metric_spec = _normalize_metric_spec(metrics)
+    params = metric_params(metric_spec) or None
     conv = CHECKPOINT_CONVENTION
 
     def default_features(model: nn.Module) -> tuple[dict[str, torch.Tensor], Any]:
@@ -448,6 +449,7 @@ def analyze_checkpoints(
         now = _time.time()
         feats, outputs = feat_fn(model)
         rows: list[tuple[int, float, str, str, float, str, str]] = []
+        measured = []
         for name, X in feats.items():
             if name not in layer_names:
                 layer_names.append(name)
@@ -458,6 +460,7 @@ def analyze_checkpoints(
             except NonFiniteError:
                 spec, vals = None, {m: float("nan") for m in metric_spec}
             rows += [(step, now, name, m, float(v), "activation", conv) for m, v in vals.items()]
+            measured.append((step, name, "activation", conv, X.shape[0], X[0].numel() if len(X) else 0, True, params))
             if store is not None and spec is not None and store_spectra:
                 store.add_spectrum(step, now, name, spec, space="activation", convention=conv)
             if y is not None:
@@ -473,6 +476,7 @@ def analyze_checkpoints(
             rows += [(step, now, "", str(k), float(v), "training", "") for k, v in items.items()]
         if store is not None:
             store.add_scalars(rows)
+            store.add_measured(measured)
             store.measurement_done()
         all_rows += rows
         del model, feats, outputs

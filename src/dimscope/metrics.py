@@ -43,6 +43,7 @@ __all__ = [
     "DEFAULT_METRICS",
     "DEFINITIONS",
     "compute_metrics",
+    "metric_params",
     "compute_metrics_batch",
     "moment_metrics",
     "MOMENT_METRICS",
@@ -239,6 +240,20 @@ def _normalize_metric_spec(metrics: Iterable[str] | Mapping[str, Mapping[str, An
                 f"The 'metrics' parameter names an unknown metric {name!r}. Known: {', '.join(METRICS)}.{hint}"
             )
         out[name] = params
+    return out
+
+
+def metric_params(metrics: Iterable[str] | Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+    """The parameters in force for each parameterised metric of ``metrics``: its defaults updated
+    with what was asked (``{"eps_rank": {"eps": 0.001, "relative": True}, "energy_rank": {"q": 0.9}}``
+    for the defaults); metrics without parameters are left out."""
+    import inspect
+
+    out: dict[str, dict[str, Any]] = {}
+    for name, params in _normalize_metric_spec(metrics).items():
+        defaults = {k: p.default for k, p in list(inspect.signature(METRICS[name]).parameters.items())[1:]}
+        if defaults:
+            out[name] = {**defaults, **params}
     return out
 
 

@@ -51,6 +51,11 @@ CREATE TABLE IF NOT EXISTS spectra (
     trace REAL, n_values INTEGER, vals BLOB
 );
 CREATE INDEX IF NOT EXISTS spectra_l ON spectra (layer, space, convention, step);
+CREATE TABLE IF NOT EXISTS measured (
+    step INTEGER NOT NULL, layer TEXT NOT NULL, space TEXT NOT NULL, convention TEXT NOT NULL,
+    n_samples INTEGER, n_features INTEGER, centered INTEGER, ceiling INTEGER, params TEXT
+);
+CREATE INDEX IF NOT EXISTS measured_k ON measured (layer, space, convention, step);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, step INTEGER, wall_time REAL, kind TEXT NOT NULL,
     layer TEXT, metric TEXT, payload TEXT
@@ -150,6 +155,19 @@ class RunStore:
         with self._lock:
             self._con.executemany("INSERT INTO scalars VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
 
+    def add_measured(self, rows: Iterable[tuple[int, str, str, str, int, int, bool, dict[str, Any] | str | None]]) -> None:
+        """What each (step, layer, space, convention)'s values were measured on: rows of (step, layer,
+        space, convention, n_samples, n_features, centered, params). The ceiling min(n - 1, d)
+        (centered) or min(n, d) is derived; ``params`` (the metrics' parameters, e.g. ε) is stored
+        as JSON. :meth:`Run.scalars` joins them to every value."""
+        out = []
+        for step, layer, space, conv, n, d, centered, params in rows:
+            ceiling = max(0, min(int(n) - (1 if centered else 0), int(d)))
+            js = params if isinstance(params, str) or params is None else _json(params)
+            out.append((step, layer, space, conv, int(n), int(d), int(bool(centered)), ceiling, js))
+        with self._lock:
+            self._con.executemany("INSERT INTO measured VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", out)
+
     def add_spectrum(
         self, step: int, wall_time: float, layer: str, spec: Spectrum, *, space: str, convention: str, top_k: int | None = None
     ) -> None:
@@ -234,6 +252,9 @@ class RunStore:
         self.close()
 
 
+_MEASURED_COLUMNS = ("n_samples", "n_features", "centered", "ceiling", "params")
+
+
 class Run:
     """Reader side of a run; safe to use while training is still writing it."""
 
@@ -270,18 +291,37 @@ class Run:
         return sorted(r[0] for r in rows)
 
     def scalars(self, space: str | None = None, convention: str | None = None) -> pd.DataFrame:
-        """All scalars in long format (step, wall_time, layer, metric, value, space, convention)."""
-        sql, params = "SELECT * FROM scalars", []
+        """All scalars in long format (step, wall_time, layer, metric, value, space, convention),
+        each measured value with what it was measured on: n_samples, n_features, centered, the
+        ceiling min(n - 1, d) (or min(n, d) uncentered) and the metrics' parameters (``params``,
+        JSON, e.g. ε of ``eps_rank``); these are empty for training scalars."""
+        params: list[Any] = []
         where = []
         if space is not None:
-            where.append("space = ?")
+            where.append("s.space = ?")
             params.append(space)
         if convention is not None:
-            where.append("convention = ?")
+            where.append("s.convention = ?")
             params.append(convention)
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        return self._df(sql + " ORDER BY step, rowid", params)
+        cond = (" WHERE " + " AND ".join(where)) if where else ""
+        if not self._has_table("measured"):  # a run written before the table existed
+            df = self._df("SELECT * FROM scalars s" + cond + " ORDER BY s.step, s.rowid", params)
+            for c in _MEASURED_COLUMNS:
+                df[c] = None
+            return df
+        # the latest description of each (step, layer, space, convention): SQLite's MAX() picks its row
+        sql = (
+            "SELECT s.step, s.wall_time, s.layer, s.metric, s.value, s.space, s.convention, "
+            + ", ".join(f"m.{c}" for c in _MEASURED_COLUMNS)
+            + " FROM scalars s LEFT JOIN (SELECT step, layer, space, convention, "
+            + ", ".join(_MEASURED_COLUMNS)
+            + ", MAX(rowid) FROM measured GROUP BY step, layer, space, convention) m"
+            " ON m.step = s.step AND m.layer = s.layer AND m.space = s.space AND m.convention = s.convention"
+        )
+        return self._df(sql + cond + " ORDER BY s.step, s.rowid", params)
+
+    def _has_table(self, name: str) -> bool:
+        return self._con.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone() is not None
 
     def metric(self, name: str, layer: str | None = None, *, space: str = "activation", convention: str | None = None) -> pd.Series:
         """One metric of one layer as a Series indexed by training step.

@@ -39,8 +39,8 @@ from __future__ import annotations
 import atexit
 import contextlib
 import hashlib
+import json
 import os
-
 import platform
 import queue
 import threading
@@ -56,7 +56,7 @@ from torch import nn
 from . import __version__
 from ._validation import check_choice, check_int
 from .capture import LayerSelection, capture, iter_layer_weights, resolve_layers, to_features
-from .metrics import DEFINITIONS, MOMENT_METRICS, _normalize_metric_spec, compute_metrics_batch, moment_metrics
+from .metrics import DEFINITIONS, MOMENT_METRICS, _normalize_metric_spec, compute_metrics_batch, metric_params, moment_metrics
 from .spectrum import Moments, NonFiniteError, Spectrum, Workspace, _one_blas_thread, batch_spectra, spectrum, weight_spectrum
 from .store import RunStore
 
@@ -362,6 +362,9 @@ class Tracker:
             self.every if spectra_every is None else check_int(spectra_every, "spectra_every", min_value=1, owner="Tracker")
         )
         self._moment_spec = {k: v for k, v in self.metric_spec.items() if k in MOMENT_METRICS}
+        # the metrics' parameters (ε, q), stored with every measured value; the moment metrics have none
+        self._params = {full: (json.dumps(p, sort_keys=True) if p else None)
+                        for full, p in ((True, metric_params(self.metric_spec)), (False, metric_params(self._moment_spec)))}
         # Does any measurement need the whole spectrum? Not when no spectrum is stored and every
         # requested metric is a moment metric.
         self._needs_spectrum = self.store_spectra or len(self._moment_spec) < len(self.metric_spec)
@@ -536,6 +539,10 @@ class Tracker:
                 return None
             return self._measure(step, now, force)
         finally:
+            if self._batch_capture is not None and self._batch_capture.compiled:
+                # a torch.compile'd forward keeps the hooks it was traced with: removing them between
+                # measurements would lose every later one, so they stay (test_integrations_compile.py)
+                self._batch_armed_always = True
             if self._batch_capture is not None and not self._batch_armed_always:
                 # Hooks live only for the training forward before a step that will be measured (a
                 # registered hook slows every forward, even one that records nothing).
@@ -739,6 +746,8 @@ class Tracker:
         step, now = m.step, m.now
         names = self.metric_spec if m.full else self._moment_spec
         rows: list[_Row] = list(m.rows)
+        measured: list[tuple[int, str, str, str, int, int, bool, Any]] = []  # what each layer's values were measured on
+        params = self._params[m.full]
         specs: list[tuple[int, float, str, Spectrum, str, str]] = []  # to store
         values: dict[tuple[str, str], float] = {}
         primary = self.convention_name(self.modes[0], self.conventions[0])
@@ -767,6 +776,8 @@ class Tracker:
                 for conv_name in self.conventions:
                     cname = self.convention_name(mode, conv_name)
                     spec, vals = metrics_of((id(X), conv_name == "centered"), layer, "activation")
+                    if vals:
+                        measured.append((step, layer, "activation", cname, X.shape[0], X[0].numel(), conv_name == "centered", params))
                     for metric, v in vals.items():
                         rows.append((step, now, layer, metric, v, "activation", cname))
                         if cname == primary:
@@ -775,6 +786,8 @@ class Tracker:
                         specs.append((step, now, layer, spec, "activation", cname))
         for layer, W in m.weights.items():
             spec, vals = metrics_of((id(W), None), layer, "weight")
+            if vals:
+                measured.append((step, layer, "weight", "weight", W.shape[0], W[0].numel(), False, params))
             for metric, v in vals.items():
                 rows.append((step, now, layer, metric, v, "weight", "weight"))
                 values[(layer, f"weight/{metric}")] = v
@@ -794,6 +807,8 @@ class Tracker:
         for r in m.rows:
             values[("", r[3])] = r[4]
         self._write_rows(rows)
+        if self.store is not None and measured:
+            self.store.add_measured(measured)
         if self.store is not None and self.store_spectra and specs:
             self.store.add_spectra(specs, top_k=self.top_k)
         self.latest = values

@@ -426,7 +426,7 @@ class FunctionSpaceEpsRank(TrackerExtension):
         q = self.quadrature_
 
         def job() -> None:
-            rows = []
+            rows, measured = [], []
             for layer, phi in phis.items():
                 if not torch.isfinite(phi).all():
                     ev = None
@@ -435,12 +435,16 @@ class FunctionSpaceEpsRank(TrackerExtension):
                 for e in self.eps_:
                     count = float("nan") if ev is None else float(np.count_nonzero(ev > e))
                     rows.append((step, now, layer, "eps_rank", count, "activation", convention_name(e, self.normalize_)))
+                    # n: quadrature points, d: neurons; ε is absolute, on the weighted Gram matrix
+                    measured.append((step, layer, "activation", convention_name(e, self.normalize_), q.n_points, int(phi.shape[1]), False,
+                                     {"eps_rank": {"eps": e, "relative": False, "normalize": self.normalize_}}))
                     self.history.append({"step": step, "layer": layer, "eps": e, "normalize": self.normalize_, "eps_rank": count})
                 if ev is not None and tracker.store is not None and self.store_spectra:
                     spec = Spectrum(ev, q.n_points, int(phi.shape[1]), centered=False)
                     tracker.store.add_spectrum(step, now, layer, spec, space="activation", convention=self.spectrum_convention)
             if tracker.store is not None:
                 tracker.store.add_scalars(rows)
+                tracker.store.add_measured(measured)
 
         return job
 
