@@ -118,15 +118,17 @@ def one_repeat(configs: list[str], batches, probe, tmp: Path, block: int, rng: r
 FIXED: dict[str, list[float]] = {}
 
 
-def floor(model_step: float, probe: torch.Tensor, n: int = 30) -> None:
+def floor(model_step: float, probe: torch.Tensor, n: int = 30, per_flush: int = 10) -> None:
     """What one probe measurement cannot avoid: the probe forward and the float64 spectra of its
     three layers (and, every 10th measurement, of the two weight matrices), timed alone, with the
-    Tracker's kernel and threads."""
-    from dimscope.spectrum import batch_spectra
+    Tracker's kernel, threads and buffers; the spectra as the Tracker computes them, ``per_flush``
+    measurements together at each commit."""
+    from dimscope.spectrum import Workspace, batch_spectra
     from dimscope.tracker import _one_blas_thread, probe_forward
 
     model = make_model()
     threads = torch.get_num_threads()
+    ws = Workspace()
 
     def best(f) -> float:
         f()
@@ -137,16 +139,17 @@ def floor(model_step: float, probe: torch.Tensor, n: int = 30) -> None:
             ts.append(time.perf_counter() - t0)
         return statistics.median(ts)
 
-    outs = probe_forward(model, probe, LAYERS)
-    feats = list(outs.values())
+    feats = [list(probe_forward(model, probe, LAYERS).values()) for _ in range(per_flush)]
+    feats = [[x.clone() for x in layer] for layer in feats]  # distinct tensors, as ten measurements hold
     weights = [model[i].weight.detach() for i in (0, 2)]
     with _one_blas_thread():
         t_fwd = best(lambda: probe_forward(model, probe, LAYERS))
-        t_spec = best(lambda: batch_spectra([(x, True, True) for x in feats], threads=threads))
-        t_w = best(lambda: batch_spectra([(w, None, True) for w in weights], threads=threads)) / 10
+        t_spec = best(lambda: batch_spectra([(x, True, True) for m in feats for x in m], threads=threads, workspace=ws)) / per_flush
+        t_w = best(lambda: batch_spectra([(w, None, True) for w in weights], threads=threads, workspace=ws)) / 10
     per = t_fwd + t_spec + t_w
     print(f"floor of one probe measurement, timed alone: forward {t_fwd * 1e3:.2f} ms + float64 spectra {t_spec * 1e3:.2f} ms "
-          f"+ weight spectra {t_w * 1e3:.2f} ms (amortized) = {per * 1e3:.2f} ms; an untracked step takes {model_step * 1e3:.2f} ms")
+          f"(a flush of {per_flush} measurements / {per_flush}) + weight spectra {t_w * 1e3:.2f} ms (amortized) = {per * 1e3:.2f} ms; "
+          f"an untracked step takes {model_step * 1e3:.2f} ms")
     print(f"  so probe mode cannot add less than {per / (5 * model_step):.1%} every 5 steps or {per / (50 * model_step):.1%} every 50")
 
 

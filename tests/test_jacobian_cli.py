@@ -13,7 +13,7 @@ def test_cli_quick_stores_artifacts_and_report_section(tmp_path, capsys) -> None
     rc = main(["jacobian", "--quick", "--run", str(run), "--seeds", "0,1", "--experiments", "kl,seeds"])
     assert rc == 0
     out = capsys.readouterr().out
-    assert "beside REFERENCE.md" in out and "717/2984/1109" in out
+    assert "beside Belrose & Scherlis" in out and "717/2984/1109" in out
     r = open_run(run)
     names = set(r.artifacts())
     assert {"jacobian/singular_values", "jacobian/alignment", "jacobian/regions", "jacobian/summary", "jacobian/kl",

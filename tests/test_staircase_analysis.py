@@ -128,6 +128,7 @@ def test_cli_quick_writes_artifacts_table_and_report_section(tmp_path, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     assert "dimscope staircase" in out and "pretrained" in out and "plain" in out
+    assert "spread = [min, max] over seeds" in " ".join(out.split())  # printed, not read as rich markup
     r = open_run(run)
     assert {"staircase/summary", "staircase/coincidence", "staircase/eps_rank", "staircase/loss", "staircase/config"} <= set(r.artifacts())
     summ = r.artifact("staircase/summary")

@@ -42,6 +42,16 @@ def test_flat_start_is_other_and_early_share():
     assert share[0.5] == pytest.approx(1.0, abs=0.02)
 
 
+def test_early_share_stays_within_0_and_1_when_a_phase_overshoots_before_the_cut():
+    """A bump inside the flat stretch after the rise: up to the cut (step 100) the stabilization
+    phase has moved by the bump, more than its own net change; it counts at most that."""
+    t = np.arange(400)
+    y = np.minimum(t / 40, 1.0) + 0.08 * np.exp(-((t - 100) / 20.0) ** 2)
+    assert [p.label for p in segment_phases(y)] == ["expansion", "stabilization"]
+    share = early_share(y, fractions=(0.1, 0.25, 1.0))
+    assert 0.9 < share[0.1] <= share[0.25] <= 1.0 and share[1.0] == pytest.approx(1.0)
+
+
 def test_phase_errors():
     with pytest.raises(ValueError, match="'flat' parameter of segment_phases"):
         segment_phases(np.arange(10.0), flat=-1)

@@ -17,11 +17,14 @@ console = Console(width=max(110, shutil.get_terminal_size((120, 24)).columns))
 
 
 def _table(df, title: str) -> Table:  # type: ignore[no-untyped-def]
-    t = Table(title=title)
+    """A rich table of a DataFrame; text is escaped, so "[min, max]" is printed, not read as markup."""
+    from rich.markup import escape
+
+    t = Table(title=escape(title))
     for c in df.columns:
-        t.add_column(str(c), justify="right" if df[c].dtype.kind in "fiu" else "left")
+        t.add_column(escape(str(c)), justify="right" if df[c].dtype.kind in "fiu" else "left")
     for _, row in df.iterrows():
-        t.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.tolist()])
+        t.add_row(*[f"{v:.4g}" if isinstance(v, float) else escape(str(v)) for v in row.tolist()])
     return t
 
 

@@ -84,7 +84,7 @@ def report_section(run: Any) -> Any:
     curves = run.artifact("precursor/curves", default=None)
     per_layer = run.artifact("precursor/per_layer", default=None)
     parts = [
-        "<p>Geometry before behaviour (REFERENCE.md §4): per checkpoint, RankMe of each layer's residual stream at the "
+        "<p>Geometry before behaviour (Billa, arXiv 2602.15997): per checkpoint, RankMe of each layer's residual stream at the "
         "answer position, a linear probe's held-out accuracy per layer, and the model's held-out accuracy. "
         "t_geo: RankMe's recovery from its collapse; t_probe: the probe's transition; t_beh: the behavioural one.</p>",
         "<h3>Per seed</h3>",

@@ -1,4 +1,4 @@
-"""``dimscope jacobian``: the training-Jacobian reproduction (REFERENCE.md section 1)."""
+"""``dimscope jacobian``: the training-Jacobian reproduction (Belrose & Scherlis, arXiv 2412.07003)."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def register(app: typer.Typer) -> None:
         res = reproduce(run, quick=quick, seeds=seed_t, experiments=exps, log=console.print, overwrite=overwrite,
                         variants=tuple(v.strip() for v in variants.split(",") if v.strip()))
         df = comparison_table(res)
-        t = Table(title="training Jacobian: dimscope beside REFERENCE.md section 1" + (" (--quick: not comparable)" if quick else ""))
+        t = Table(title="training Jacobian: dimscope beside Belrose & Scherlis (arXiv 2412.07003)" + (" (--quick: not comparable)" if quick else ""))
         for c in df.columns:
             t.add_column(c)
         for rec in df.itertuples(index=False):

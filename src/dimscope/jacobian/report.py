@@ -102,6 +102,6 @@ def report_section(run: Any) -> ReportSection | None:
         "sigma &gt; 1+tau, bulk |sigma-1| &le; tau, stable sigma &lt; 1-tau.</p>"
         "{{fig:jacobian_spectrum}}" + reg_html +
         "".join(f"{{{{fig:{k}}}}}" for k in ("jacobian_alignment", "jacobian_perturbation", "jacobian_kl", "jacobian_restricted") if k in figs)
-        + f"<table><tr><th>quantity</th><th>dimscope</th><th>reference (REFERENCE.md section 1, n = 4810)</th></tr>{rows}</table>"
+        + f"<table><tr><th>quantity</th><th>dimscope</th><th>reference (Belrose &amp; Scherlis, arXiv 2412.07003; n = 4810)</th></tr>{rows}</table>"
     )
     return ReportSection(title="Training Jacobian", html=frag, figures=figs, order=40, anchor="jacobian")

@@ -180,7 +180,9 @@ def early_share(
     """Share of the total change made within the first ``fraction`` of the run's steps.
 
     The total change is Σ|Δ| over the phases of :func:`segment_phases` (net change of the smoothed
-    curve per phase); the part within the cut counts each phase's net change up to the cut.
+    curve per phase); the part within the cut counts each phase's net change up to the cut, at most
+    that phase's whole net change (a phase that overshoots before the cut and comes back does not
+    count more than it moved), so the share lies in [0, 1].
     """
     x, s = as_series(values, steps, owner="early_share")
     y, _ = smooth_curve(x, s, smooth, time)
@@ -196,7 +198,7 @@ def early_share(
         f = check_float(f, "fractions", low=0.0, high=1.0, owner="early_share")
         cut = s[0] + f * (s[-1] - s[0])
         k = int(np.searchsorted(s, cut, side="right") - 1)
-        part = sum(abs(float(y[min(b, k)] - y[lo])) for lo, b in spans if lo <= k)
+        part = sum(min(abs(float(y[min(b, k)] - y[lo])), abs(float(y[b] - y[lo]))) for lo, b in spans if lo <= k)
         out[f] = part / total
     return out
 
