@@ -123,6 +123,7 @@ def test_gloo_two_processes_match_one_process(tmp_path):
                 assert len(spec.values) == len(one.values)
                 assert spec.values == pytest.approx(one.values, rel=1e-6, abs=1e-9 * one.values[0])
                 sel = df[(df.step == step) & (df.layer == layer) & (df.convention == f"probe/{conv}")]
+                assert (sel.n_samples == PROBE_N).all()  # every rank's rows, not rank 0's share
                 stored = dict(zip(sel.metric, sel.value))
                 for m, v in compute_metrics(one, list(stored)).items():
                     assert stored[m] == pytest.approx(v, rel=1e-6, abs=1e-9) or (math.isnan(v) and math.isnan(stored[m]))

@@ -777,7 +777,8 @@ class Tracker:
                     cname = self.convention_name(mode, conv_name)
                     spec, vals = metrics_of((id(X), conv_name == "centered"), layer, "activation")
                     if vals:
-                        measured.append((step, layer, "activation", cname, X.shape[0], X[0].numel(), conv_name == "centered", params))
+                        measured.append((step, layer, "activation", cname, *_shape(spectra[(id(X), conv_name == "centered")], X),
+                                         conv_name == "centered", params))
                     for metric, v in vals.items():
                         rows.append((step, now, layer, metric, v, "activation", cname))
                         if cname == primary:
@@ -787,7 +788,7 @@ class Tracker:
         for layer, W in m.weights.items():
             spec, vals = metrics_of((id(W), None), layer, "weight")
             if vals:
-                measured.append((step, layer, "weight", "weight", W.shape[0], W[0].numel(), False, params))
+                measured.append((step, layer, "weight", "weight", *_shape(spectra[(id(W), None)], W), False, params))
             for metric, v in vals.items():
                 rows.append((step, now, layer, metric, v, "weight", "weight"))
                 values[(layer, f"weight/{metric}")] = v
@@ -891,6 +892,13 @@ class Tracker:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _shape(result: Any, t: torch.Tensor) -> tuple[int, int]:
+    """(n_samples, n_features) a value was measured on: the result's own (a Spectrum or Moments; an
+    all-reduced one counts every rank's rows), else the matrix's."""
+    n = getattr(result, "n_samples", None)
+    return (int(n), int(result.n_features)) if n is not None else (int(t.shape[0]), int(t[0].numel()))
 
 
 def _as_float(v: Any) -> float:
