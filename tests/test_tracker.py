@@ -166,6 +166,17 @@ def test_nan_activations_warn_and_store_nan_while_training_goes_on(tmp_path):
         (dict(mode="online"), ValueError, "The 'mode' parameter of Tracker must be one of 'probe', 'batch'. Got 'online'"),
         (dict(metrics=["rank"]), ValueError, "unknown metric 'rank'"),
         (dict(conventions=("whitened",)), ValueError, "The 'conventions' parameter of Tracker must be one of"),
+        (dict(conventions="whitened"), ValueError, "The 'conventions' parameter of Tracker must be one of 'centered', 'uncentered'. Got 'whitened'"),
+        (dict(metrics={"eps_rank": {"eps": -1}}), ValueError, "gives eps_rank a bad value: The 'eps' parameter of eps_rank must be a float >= 0.0. Got -1"),
+        (dict(metrics={"eps_rank": {"epsilon": 0.1}}), ValueError, "gives eps_rank an unknown parameter 'epsilon'. Its parameters: eps, relative."),
+        (dict(metrics={"energy_rank": {"q": 2}}), ValueError, "gives energy_rank a bad value: The 'q' parameter of energy_rank must be"),
+        (dict(commit_every=0), ValueError, "The 'commit_every' parameter of Tracker must be an int >= 1. Got 0 instead."),
+        (dict(commit_seconds="x"), TypeError, "The 'commit_seconds' parameter of Tracker must be a float >= 0.0. Got 'x' instead."),
+        (dict(queue_size=-1), ValueError, "The 'queue_size' parameter of Tracker must be an int >= 1. Got -1 instead."),
+        (dict(seed="a"), TypeError, "The 'seed' parameter of Tracker must be an int. Got 'a' instead."),
+        (dict(layers=3), TypeError, "The 'layers' parameter must be a module path, a glob, a list of them"),
+        (dict(layers=["0", 3]), TypeError, "The 'layers' parameter must hold module paths or globs (str). Got 3 (int)"),
+        (dict(extensions=[1]), TypeError, "The 'extensions' parameter of Tracker must hold TrackerExtension objects"),
     ],
 )
 def test_bad_input_errors(kwargs, exc, msg):
@@ -344,6 +355,37 @@ def test_a_failing_measurement_warns_and_training_goes_on(tmp_path, background):
         with Broken(model, probe=torch.randn(16, 10), every=1, layers="0", run=tmp_path / "f", background=background) as tr:
             train(model, tr, steps=4)
     assert list(dimscope.open_run(tmp_path / "f").metric("stable_rank", "0").index) == [0, 2, 3]
+
+
+@pytest.mark.parametrize("background", [True, False, "batched"])
+def test_a_measurement_that_fails_as_a_whole_keeps_its_loss(tmp_path, background):
+    class Broken(dimscope.Tracker):
+        def _compute(self, m, results):
+            if m.step == 1:
+                raise RuntimeError("metrics failed")
+            return super()._compute(m, results)
+
+    model = mlp()
+    with pytest.warns(RuntimeWarning, match="a measurement failed and was skipped"):
+        with Broken(model, probe=torch.randn(16, 10), every=1, layers="0", run=tmp_path / "f", background=background,
+                    commit_every=1) as tr:
+            train(model, tr, steps=4)
+    run = dimscope.open_run(tmp_path / "f")
+    assert list(run.metric("stable_rank", "0").index) == [0, 2, 3]
+    assert list(run.training("loss").index) == [0, 1, 2, 3]
+
+
+def test_a_bfloat16_probe_is_hashed_and_measured(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8)).to(torch.bfloat16)
+    probe = torch.randn(16, 4, dtype=torch.bfloat16)
+    with dimscope.Tracker(model, probe=probe, layers=["0"], run=tmp_path / "b", every=1) as tr:
+        tr.step(0, loss=1.0)
+    run = dimscope.open_run(tmp_path / "b")
+    assert len(run.manifest["probe_hash"]) == 16
+    with torch.no_grad():
+        want = dimscope.stable_rank(dimscope.spectrum(model(probe)))
+    assert run.metric("stable_rank", "0")[0] == pytest.approx(want, rel=1e-9)
 
 
 def test_dataframe_artifacts_keep_their_types(tmp_path):

@@ -74,7 +74,15 @@ def resolve_layers(model: nn.Module, layers: LayerSelection) -> list[str]:
         if not chosen:
             raise ValueError("The 'layers' predicate selected no module of the model.")
         return chosen
+    if not isinstance(layers, str) and not isinstance(layers, Iterable):
+        raise TypeError(
+            "The 'layers' parameter must be a module path, a glob, a list of them, a predicate (name, module) -> bool "
+            f"or 'auto'. Got {layers!r} ({type(layers).__name__})."
+        )
     patterns = [layers] if isinstance(layers, str) else list(layers)
+    for p in patterns:
+        if not isinstance(p, str):
+            raise TypeError(f"The 'layers' parameter must hold module paths or globs (str). Got {p!r} ({type(p).__name__}) in {layers!r}.")
     if not patterns:
         raise ValueError("The 'layers' parameter is an empty list; name at least one layer.")
     selected: set[str] = set()

@@ -392,7 +392,7 @@ def analyze_checkpoints(
     import numpy as np
 
     from .capture import capture, to_features
-    from .metrics import DEFINITIONS, _normalize_metric_spec, compute_metrics, metric_params
+    from .metrics import DEFINITIONS, check_metric_spec, compute_metrics, metric_params
     from .probes import LinearProbe, ProbeSplit
     from .spectrum import NonFiniteError, spectrum
 
@@ -413,7 +413,7 @@ def analyze_checkpoints(
             )
         if split.n != len(y):
             raise ValueError(f"The 'split' covers {split.n} rows but 'targets' has {len(y)}.")
-    metric_spec = _normalize_metric_spec(metrics)
+    metric_spec = check_metric_spec(metrics, owner="analyze_checkpoints")
     params = metric_params(metric_spec) or None
     conv = CHECKPOINT_CONVENTION
 

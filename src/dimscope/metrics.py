@@ -42,6 +42,7 @@ __all__ = [
     "METRICS",
     "DEFAULT_METRICS",
     "DEFINITIONS",
+    "check_metric_spec",
     "compute_metrics",
     "metric_params",
     "compute_metrics_batch",
@@ -241,6 +242,32 @@ def _normalize_metric_spec(metrics: Iterable[str] | Mapping[str, Mapping[str, An
             )
         out[name] = params
     return out
+
+
+def check_metric_spec(
+    metrics: Iterable[str] | Mapping[str, Mapping[str, Any]] | None, *, owner: str | None = None
+) -> dict[str, dict[str, Any]]:
+    """The normalised metric spec, its parameters checked once, up front: an unknown parameter name
+    or a value out of range is a ``ValueError`` naming the metric, the parameter and the value
+    received (rather than a failure at every measurement)."""
+    import inspect
+
+    spec = _normalize_metric_spec(metrics)
+    where = f" of {owner}" if owner else ""
+    probe = Spectrum(np.array([2.0, 1.0, 0.0]), 4, 3, True)
+    for name, params in spec.items():
+        known = list(inspect.signature(METRICS[name]).parameters)[1:]
+        unknown = [k for k in params if k not in known]
+        if unknown:
+            raise ValueError(
+                f"The 'metrics' parameter{where} gives {name} an unknown parameter {unknown[0]!r}. "
+                f"Its parameters: {', '.join(known) or 'none'}. Got {dict(params)!r}."
+            )
+        try:
+            METRICS[name](probe, **params)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"The 'metrics' parameter{where} gives {name} a bad value: {e}") from None
+    return spec
 
 
 def metric_params(metrics: Iterable[str] | Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, dict[str, Any]]:

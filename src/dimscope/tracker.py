@@ -54,9 +54,9 @@ import torch
 from torch import nn
 
 from . import __version__
-from ._validation import check_choice, check_int
+from ._validation import check_choice, check_float, check_int
 from .capture import LayerSelection, capture, iter_layer_weights, resolve_layers, to_features
-from .metrics import DEFINITIONS, MOMENT_METRICS, _normalize_metric_spec, compute_metrics_batch, metric_params, moment_metrics
+from .metrics import DEFINITIONS, MOMENT_METRICS, check_metric_spec, compute_metrics_batch, metric_params, moment_metrics
 from .spectrum import Moments, NonFiniteError, Spectrum, Workspace, _one_blas_thread, batch_spectra, spectrum, weight_spectrum
 from .store import RunStore
 
@@ -121,6 +121,9 @@ class TrackerExtension:
         pass
 
 
+_EXTENSION_METHODS = ("setup", "on_step", "on_features", "on_metrics", "close")
+
+
 def _probe_tensors(probe: Any) -> list[torch.Tensor]:
     if isinstance(probe, torch.Tensor):
         return [probe]
@@ -146,8 +149,9 @@ def _probe_len(probe: Any) -> int:
 def _probe_hash(probe: Any) -> str:
     h = hashlib.sha256()
     for t in _probe_tensors(probe):
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        h.update(f"{tuple(t.shape)} {t.dtype}".encode())
+        # the raw bytes (numpy has no bfloat16 or float8)
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -343,7 +347,7 @@ class Tracker:
         for m in modes:
             check_choice(m, "mode", ("probe", "batch"), owner="Tracker")
         self.modes = modes
-        self.conventions = tuple(conventions)
+        self.conventions = (conventions,) if isinstance(conventions, str) else tuple(conventions)
         if not self.conventions:
             raise ValueError("The 'conventions' parameter of Tracker must name at least one convention. Got ().")
         for c in self.conventions:
@@ -357,7 +361,7 @@ class Tracker:
         else:
             self.top_k = check_int(spectra, "spectra", min_value=1, owner="Tracker")
         self.store_spectra = spectra is not None
-        self.metric_spec = _normalize_metric_spec(metrics)
+        self.metric_spec = check_metric_spec(metrics, owner="Tracker")
         self.spectra_every = (
             self.every if spectra_every is None else check_int(spectra_every, "spectra_every", min_value=1, owner="Tracker")
         )
@@ -375,7 +379,18 @@ class Tracker:
             10 * self.every if weight_every is None else check_int(weight_every, "weight_every", min_value=1, owner="Tracker")
         )
         self.grad_norm = bool(grad_norm)
-        self.seed = int(seed)
+        self.seed = check_int(seed, "seed", owner="Tracker")
+        check_int(commit_every, "commit_every", min_value=1, owner="Tracker")
+        check_float(commit_seconds, "commit_seconds", low=0.0, owner="Tracker")
+        check_int(queue_size, "queue_size", min_value=1, owner="Tracker")
+        extensions = list(extensions)
+        for i, ext in enumerate(extensions):
+            missing = [m for m in _EXTENSION_METHODS if not callable(getattr(ext, m, None))]
+            if missing:
+                raise TypeError(
+                    f"The 'extensions' parameter of Tracker must hold TrackerExtension objects (with {', '.join(_EXTENSION_METHODS)}). "
+                    f"Got {ext!r} ({type(ext).__name__}) at position {i}, without {', '.join(missing)}."
+                )
         self.probe = probe
         if "probe" in modes:
             if probe is None:
@@ -404,7 +419,12 @@ class Tracker:
         self.errors: list[BaseException] = []  # measurements that failed (synchronous mode)
 
         self.store = RunStore(run, overwrite=overwrite, commit_every=commit_every, commit_seconds=commit_seconds) if run is not None else None
-        self._write_manifest(config)
+        try:
+            self._write_manifest(config)
+        except BaseException:
+            if self.store is not None:
+                self.store.close()
+            raise
         where = self._resolve_background(background)
         self._batch_capture: capture | None = None
         if "batch" in modes:
@@ -647,9 +667,15 @@ class Tracker:
     def _finish(self, m: _Measurement, results: _Results | None) -> dict[tuple[str, str], float]:
         """Metrics, rows and extension callbacks of one measurement (``results``: a flush's, or None
         to compute this measurement's now)."""
-        if results is None:
-            results = self._results([m])
-        values = self._compute(m, results)
+        try:
+            if results is None:
+                results = self._results([m])
+            values = self._compute(m, results)
+        except BaseException:
+            if m.rows:  # the measurement fails; its training scalars (loss...) are kept
+                rows, m.rows = m.rows, []
+                self._write_rows(rows)
+            raise
         for j in m.jobs:
             j()
         for ext in self.extensions:
@@ -797,8 +823,7 @@ class Tracker:
         if failed:
             if len(failed) == sum(map(len, m.feats.values())) * len(self.conventions) + len(m.weights):
                 # nothing measured: the measurement fails (and is skipped) as a whole, its training
-                # scalars (loss...) are kept
-                self._write_rows(m.rows)
+                # scalars (loss...) are kept (by _finish)
                 raise failed[0][1]
             for layer, e in failed:
                 if layer not in self._failure_warned:  # once per layer
@@ -807,6 +832,7 @@ class Tracker:
                                   f"where it fails: {e!r}", RuntimeWarning, stacklevel=4)
         for r in m.rows:
             values[("", r[3])] = r[4]
+        m.rows = []  # written below, with the measured values
         self._write_rows(rows)
         if self.store is not None and measured:
             self.store.add_measured(measured)
