@@ -488,6 +488,28 @@ def test_batched_commits_every_commit_every_measurements_and_after_commit_second
     tr.close()
 
 
+@pytest.mark.parametrize("background", [True, False, "batched"])
+def test_commit_seconds_holds_between_measurements_far_apart(tmp_path, background):
+    """every=1000: the measurement of step 0 and the losses after it are committed commit_seconds
+    later by a step that does not measure, not at the next measurement (what a SIGKILL would lose)."""
+    tr = dimscope.Tracker(mlp(), probe=torch.randn(16, 10), every=1000, layers="0", run=tmp_path / "c",
+                          background=background, commit_seconds=0.05)
+    tr.step(0, loss=0.5)
+    tr.step(1, loss=0.4)
+    time.sleep(0.1)
+    tr.step(2, loss=0.3)
+    deadline = time.time() + 10
+    while True:  # a background thread writes on its own time
+        run = dimscope.open_run(tmp_path / "c")
+        df = run.scalars()
+        if len(df) >= 10 or time.time() > deadline:
+            break
+        time.sleep(0.05)
+    assert list(run.metric("stable_rank", "0").index) == [0]
+    assert list(run.training("loss").index) == [0, 1, 2]
+    tr.close()
+
+
 def test_batch_mode_hooks_live_only_before_measured_steps(tmp_path):
     model = mlp()
     hooks = []

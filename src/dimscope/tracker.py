@@ -437,7 +437,7 @@ class Tracker:
         self._eig_threads = 1 if self.background else max(1, min(torch.get_num_threads(), 8))
         self._pending: list[_Measurement] = []
         self._pending_bytes = 0
-        self._pending_since = 0.0
+        self._next_commit = time.monotonic() + commit_seconds  # see _commit_due
         self._batch_size = commit_every
         self._batch_seconds = commit_seconds
         self._batch_armed_always = False
@@ -552,9 +552,10 @@ class Tracker:
         self.last_step = step
         try:
             if not measuring:
-                if self._pending and time.monotonic() - self._pending_since >= self._batch_seconds:
-                    self._flush_pending()
-                if len(self._train_rows) >= 2048:
+                t = time.monotonic()
+                if t >= self._next_commit:
+                    self._commit_due(t)
+                elif len(self._train_rows) >= 2048:
                     self._submit(self._flush_rows_job(self._take_train_rows()))
                 return None
             return self._measure(step, now, force)
@@ -567,6 +568,22 @@ class Tracker:
                 # Hooks live only for the training forward before a step that will be measured (a
                 # registered hook slows every forward, even one that records nothing).
                 self._arm_batch_capture((step + 1) % self.every == 0)
+
+    def _commit_due(self, t: float) -> None:
+        """Every ``commit_seconds``, checked at each step that does not measure: what is buffered
+        (measurements, training scalars) is written and committed, so a SIGKILL loses at most that
+        much also when measurements are far apart."""
+        self._next_commit = t + self._batch_seconds
+        if self._pending:
+            self._flush_pending()  # computes, writes and commits
+        rows, store = self._take_train_rows(), self.store
+
+        def job() -> None:
+            self._write_rows(rows)
+            if store is not None and not store.closed:
+                store.commit()
+
+        self._submit(job)
 
     def _arm_batch_capture(self, on: bool) -> None:
         cap = self._batch_capture
@@ -647,8 +664,6 @@ class Tracker:
         m = _Measurement(step, now, feats, weights, self._take_train_rows(), extra_jobs, full)
         self.n_measurements += 1
         if self.batched:
-            if not self._pending:
-                self._pending_since = time.monotonic()
             self._pending.append(m)
             self._pending_bytes += m.nbytes()
             if len(self._pending) >= self._batch_size or self._pending_bytes >= _MAX_PENDING_BYTES:
