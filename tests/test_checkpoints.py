@@ -98,6 +98,8 @@ def test_hf_series_analysis_matches_an_independent_computation(hf_series, tmp_pa
     assert run.metric("probe_acc", "gpt_neox.layers.0").loc[4] == pytest.approx(p.score(X[split.test].numpy(), y[split.test]))
     assert len(df) == len(PYTHIA_STEPS) * (2 * (2 + 2) + 1)
     assert run.manifest["probe_split"]["key"] == split.key()
+    sc = run.scalars(space="activation")  # every value with what it was measured on: 96 token rows x 32 features
+    assert (sc.n_samples == 96).all() and (sc.n_features == 32).all() and (sc.ceiling == 32).all() and (sc.centered == 1).all()
 
 
 @pytest.mark.parametrize("fmt", ["pt", "safetensors"])

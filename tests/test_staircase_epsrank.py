@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -220,6 +221,9 @@ def test_tracker_extension_writes_counts_spectra_and_manifest(tmp_path):
     s = run.metric("eps_rank", "leg.out", convention="function/eps=1.5e-1")
     assert s.to_dict() == {0: 7.0, 2: 7.0, 4: 2.0}
     assert run.metric("eps_rank", "leg.out", convention="function/eps=1e-3").to_dict() == {0: 10.0, 2: 10.0, 4: 10.0}
+    fs = run.scalars(space="activation").query("layer == 'leg.out'")  # 12 quadrature points x 10 neurons, absolute ε
+    assert len(fs) == 6 and (fs.n_samples == 12).all() and (fs.n_features == 10).all()
+    assert sorted(json.loads(p)["eps_rank"]["eps"] for p in fs.params) == [1e-3] * 3 + [0.15] * 3
     man = run.manifest["function_eps_rank"]
     assert man["eps"] == [0.15, 1e-3] and man["normalize"] is False and man["quadrature"]["kind"] == "gauss"
     assert man["quadrature"]["weight_sum"] == pytest.approx(2.0)

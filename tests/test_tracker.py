@@ -262,6 +262,16 @@ def test_every_value_carries_what_it_was_measured_on(tmp_path):
     w = df[df.space == "weight"]
     assert {(r.layer, r.n_samples, r.n_features, r.centered, r.ceiling) for r in w.itertuples()} == {("0", 32, 10, 0, 10), ("3", 16, 32, 0, 16)}
     assert df[df.space == "training"][["n_samples", "params"]].isna().all().all()
+    # a second session on the same run repeats steps 2 and 4 with another ε: each value keeps its own
+    with dimscope.Tracker(model, probe=probe[:12], every=2, layers=["0"], run=tmp_path / "m", spectra=None, weight_metrics=False,
+                          metrics={"eps_rank": {"eps": 0.5}}) as tr:
+        for s in (2, 3, 4):
+            tr.step(s, loss=0.0)
+    both = dimscope.open_run(tmp_path / "m").scalars(space="activation", convention="probe/centered")
+    rep = both[(both.layer == "0") & (both.metric == "eps_rank") & both.step.isin([2, 4])]
+    assert len(rep) == 4
+    assert sorted((json.loads(p)["eps_rank"]["eps"], n) for p, n in zip(rep.params, rep.n_samples)) == [(0.01, 20)] * 2 + [(0.5, 12)] * 2
+    df = dimscope.open_run(tmp_path / "m").scalars()
     con = sqlite3.connect(tmp_path / "m" / "dimscope.sqlite")  # as a run of an older dimscope
     con.execute("DROP TABLE measured")
     con.commit()

@@ -460,7 +460,7 @@ def analyze_checkpoints(
             except NonFiniteError:
                 spec, vals = None, {m: float("nan") for m in metric_spec}
             rows += [(step, now, name, m, float(v), "activation", conv) for m, v in vals.items()]
-            measured.append((step, name, "activation", conv, X.shape[0], X[0].numel() if len(X) else 0, True, params))
+            measured.append((step, now, name, "activation", conv, X.shape[0], X[0].numel() if len(X) else 0, True, params))
             if store is not None and spec is not None and store_spectra:
                 store.add_spectrum(step, now, name, spec, space="activation", convention=conv)
             if y is not None:

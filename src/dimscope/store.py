@@ -52,10 +52,10 @@ CREATE TABLE IF NOT EXISTS spectra (
 );
 CREATE INDEX IF NOT EXISTS spectra_l ON spectra (layer, space, convention, step);
 CREATE TABLE IF NOT EXISTS measured (
-    step INTEGER NOT NULL, layer TEXT NOT NULL, space TEXT NOT NULL, convention TEXT NOT NULL,
+    step INTEGER NOT NULL, wall_time REAL, layer TEXT NOT NULL, space TEXT NOT NULL, convention TEXT NOT NULL,
     n_samples INTEGER, n_features INTEGER, centered INTEGER, ceiling INTEGER, params TEXT
 );
-CREATE INDEX IF NOT EXISTS measured_k ON measured (layer, space, convention, step);
+CREATE INDEX IF NOT EXISTS measured_k ON measured (layer, space, convention, step, wall_time);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, step INTEGER, wall_time REAL, kind TEXT NOT NULL,
     layer TEXT, metric TEXT, payload TEXT
@@ -155,18 +155,19 @@ class RunStore:
         with self._lock:
             self._con.executemany("INSERT INTO scalars VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
 
-    def add_measured(self, rows: Iterable[tuple[int, str, str, str, int, int, bool, dict[str, Any] | str | None]]) -> None:
-        """What each (step, layer, space, convention)'s values were measured on: rows of (step, layer,
-        space, convention, n_samples, n_features, centered, params). The ceiling min(n - 1, d)
-        (centered) or min(n, d) is derived; ``params`` (the metrics' parameters, e.g. ε) is stored
-        as JSON. :meth:`Run.scalars` joins them to every value."""
+    def add_measured(self, rows: Iterable[tuple[int, float, str, str, str, int, int, bool, dict[str, Any] | str | None]]) -> None:
+        """What one measurement's values of a layer were measured on: rows of (step, wall_time,
+        layer, space, convention, n_samples, n_features, centered, params), with the step and
+        wall_time of its scalar rows. The ceiling min(n - 1, d) (centered) or min(n, d) is derived;
+        ``params`` (the metrics' parameters, e.g. ε) is stored as JSON. :meth:`Run.scalars` joins
+        them to every value of that measurement (also when an appended session repeats a step)."""
         out = []
-        for step, layer, space, conv, n, d, centered, params in rows:
+        for step, wall_time, layer, space, conv, n, d, centered, params in rows:
             ceiling = max(0, min(int(n) - (1 if centered else 0), int(d)))
             js = params if isinstance(params, str) or params is None else _json(params)
-            out.append((step, layer, space, conv, int(n), int(d), int(bool(centered)), ceiling, js))
+            out.append((step, wall_time, layer, space, conv, int(n), int(d), int(bool(centered)), ceiling, js))
         with self._lock:
-            self._con.executemany("INSERT INTO measured VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", out)
+            self._con.executemany("INSERT INTO measured VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", out)
 
     def add_spectrum(
         self, step: int, wall_time: float, layer: str, spec: Spectrum, *, space: str, convention: str, top_k: int | None = None
@@ -309,14 +310,12 @@ class Run:
             for c in _MEASURED_COLUMNS:
                 df[c] = None
             return df
-        # the latest description of each (step, layer, space, convention): SQLite's MAX() picks its row
+        # a value and its description share the measurement's step and wall_time
         sql = (
             "SELECT s.step, s.wall_time, s.layer, s.metric, s.value, s.space, s.convention, "
             + ", ".join(f"m.{c}" for c in _MEASURED_COLUMNS)
-            + " FROM scalars s LEFT JOIN (SELECT step, layer, space, convention, "
-            + ", ".join(_MEASURED_COLUMNS)
-            + ", MAX(rowid) FROM measured GROUP BY step, layer, space, convention) m"
-            " ON m.step = s.step AND m.layer = s.layer AND m.space = s.space AND m.convention = s.convention"
+            + " FROM scalars s LEFT JOIN measured m ON m.layer = s.layer AND m.space = s.space"
+            " AND m.convention = s.convention AND m.step = s.step AND m.wall_time = s.wall_time"
         )
         return self._df(sql + cond + " ORDER BY s.step, s.rowid", params)
 

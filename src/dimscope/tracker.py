@@ -787,7 +787,7 @@ class Tracker:
         step, now = m.step, m.now
         names = self.metric_spec if m.full else self._moment_spec
         rows: list[_Row] = list(m.rows)
-        measured: list[tuple[int, str, str, str, int, int, bool, Any]] = []  # what each layer's values were measured on
+        measured: list[tuple[int, float, str, str, str, int, int, bool, Any]] = []  # what each layer's values were measured on
         params = self._params[m.full]
         specs: list[tuple[int, float, str, Spectrum, str, str]] = []  # to store
         values: dict[tuple[str, str], float] = {}
@@ -818,7 +818,7 @@ class Tracker:
                     cname = self.convention_name(mode, conv_name)
                     spec, vals = metrics_of((id(X), conv_name == "centered"), layer, "activation")
                     if vals:
-                        measured.append((step, layer, "activation", cname, *_shape(spectra[(id(X), conv_name == "centered")], X),
+                        measured.append((step, now, layer, "activation", cname, *_shape(spectra[(id(X), conv_name == "centered")], X),
                                          conv_name == "centered", params))
                     for metric, v in vals.items():
                         rows.append((step, now, layer, metric, v, "activation", cname))
@@ -829,7 +829,7 @@ class Tracker:
         for layer, W in m.weights.items():
             spec, vals = metrics_of((id(W), None), layer, "weight")
             if vals:
-                measured.append((step, layer, "weight", "weight", *_shape(spectra[(id(W), None)], W), False, params))
+                measured.append((step, now, layer, "weight", "weight", *_shape(spectra[(id(W), None)], W), False, params))
             for metric, v in vals.items():
                 rows.append((step, now, layer, metric, v, "weight", "weight"))
                 values[(layer, f"weight/{metric}")] = v

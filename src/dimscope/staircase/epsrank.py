@@ -436,7 +436,7 @@ class FunctionSpaceEpsRank(TrackerExtension):
                     count = float("nan") if ev is None else float(np.count_nonzero(ev > e))
                     rows.append((step, now, layer, "eps_rank", count, "activation", convention_name(e, self.normalize_)))
                     # n: quadrature points, d: neurons; ε is absolute, on the weighted Gram matrix
-                    measured.append((step, layer, "activation", convention_name(e, self.normalize_), q.n_points, int(phi.shape[1]), False,
+                    measured.append((step, now, layer, "activation", convention_name(e, self.normalize_), q.n_points, int(phi.shape[1]), False,
                                      {"eps_rank": {"eps": e, "relative": False, "normalize": self.normalize_}}))
                     self.history.append({"step": step, "layer": layer, "eps": e, "normalize": self.normalize_, "eps_rank": count})
                 if ev is not None and tracker.store is not None and self.store_spectra:
