@@ -235,3 +235,32 @@ def test_series_jitter_of_an_integer_metric_is_not_zero():
     assert robust_sigma(v) == 0.0
     assert series_jitter(v) == pytest.approx(np.std(np.diff(v), ddof=1) / np.sqrt(2))
     assert series_jitter(v) > 0
+
+
+def test_analyze_a_run_with_a_frozen_layer_and_a_run_with_one_measurement(tmp_path, capsys):
+    """A frozen tracked layer gives a constant series (ρ undefined); a single measurement gives
+    series of length 1: analyze reports them, it does not fail."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 3))
+    model[0].requires_grad_(False)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    g = torch.Generator().manual_seed(0)
+    with dimscope.Tracker(model, probe=torch.randn(32, 10, generator=g), every=2, layers=["0", "2"], run=tmp_path / "frozen",
+                          metrics=["stable_rank"]) as tr:
+        for s in range(60):
+            x = torch.randn(32, 10, generator=g)
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), (x[:, 0] > 0).long())
+            loss.backward()
+            opt.step()
+            tr.step(s, loss=loss.item())
+    assert main(["analyze", str(tmp_path / "frozen")]) == 0
+    sens = dimscope.open_run(tmp_path / "frozen").artifact("analysis/convention_sensitivity")
+    rho0 = sens[(sens.layer == "0") & sens.conclusion.str.startswith("rho")]
+    assert list(rho0["holds"]) == ["no"] and "nan" in rho0["probe/centered"].iloc[0]
+    with dimscope.Tracker(model, probe=torch.randn(32, 10, generator=g), every=100, layers=["0"], run=tmp_path / "one") as tr:
+        for s in range(3):
+            tr.step(s, loss=1.0)
+    assert main(["analyze", str(tmp_path / "one")]) == 0

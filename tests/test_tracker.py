@@ -212,6 +212,19 @@ def test_reopen_appends_and_overwrite_starts_afresh(tmp_path):
     assert list(dimscope.open_run(tmp_path / "a").metric("stable_rank", "0").index) == [7]
 
 
+def test_an_appended_session_with_other_layers_hides_none(tmp_path):
+    model, probe = mlp(), torch.randn(16, 10)
+    with dimscope.Tracker(model, probe=probe, every=1, layers=["0"], run=tmp_path / "a") as tr:
+        train(model, tr, steps=3)
+    with dimscope.Tracker(model, probe=probe, every=1, layers=["3"], run=tmp_path / "a") as tr:
+        for s in range(3, 6):
+            tr.step(s, loss=0.0)
+    run = dimscope.open_run(tmp_path / "a")
+    assert run.layers == ["3", "0"]  # the latest session's first
+    rec = run.recompute("stable_rank")
+    assert rec.groupby("layer").step.apply(list).to_dict() == {"0": [0, 1, 2], "3": [3, 4, 5]}
+
+
 def test_run_readable_while_training_writes(tmp_path):
     model, probe = mlp(), torch.randn(16, 10)
     tr = dimscope.Tracker(model, probe=probe, every=1, layers="0", run=tmp_path / "live", commit_every=1, background=False)
@@ -238,6 +251,9 @@ def test_export_csv_and_parquet(tmp_path):
     assert pd.read_parquet(pq).shape == df.shape
     with pytest.raises(ValueError, match="'format' parameter of Run.export"):
         run.export(tmp_path / "x", format="xlsx")
+    with pytest.raises(ValueError, match="The 'out' parameter of Run.export ends in '.parquet' but 'format' is 'csv'"):
+        run.export(tmp_path / "y.parquet", format="csv")
+    assert {"n_samples", "n_features", "centered", "ceiling", "params"} <= set(df.columns)
 
 
 def test_every_value_carries_what_it_was_measured_on(tmp_path):
@@ -396,6 +412,32 @@ def test_a_bfloat16_probe_is_hashed_and_measured(tmp_path):
     with torch.no_grad():
         want = dimscope.stable_rank(dimscope.spectrum(model(probe)))
     assert run.metric("stable_rank", "0")[0] == pytest.approx(want, rel=1e-9)
+
+
+@pytest.mark.parametrize("mode", ["probe", "batch"])
+def test_a_layer_with_a_scalar_output_is_skipped_with_a_warning_naming_it(tmp_path, mode):
+    class Penalty(nn.Module):
+        def forward(self, x):
+            return x.pow(2).mean()
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.reg = nn.Linear(10, 8), Penalty()
+
+        def forward(self, x):
+            h = self.fc(x)
+            return h + 0 * self.reg(h)
+
+    model = Net()
+    with pytest.warns(RuntimeWarning, match="layer 'reg' could not be measured at step 0 .* scalar"):
+        with dimscope.Tracker(model, probe=torch.randn(16, 10), mode=mode, every=1, layers=["fc", "reg"], run=tmp_path / mode) as tr:
+            for s in range(3):
+                loss = model(torch.randn(16, 10)).pow(2).mean()
+                loss.backward()
+                tr.step(s, loss=loss.item())
+    run = dimscope.open_run(tmp_path / mode)
+    assert list(run.metric("stable_rank", "fc", convention=f"{mode}/centered").index) == [0, 1, 2]
 
 
 def test_dataframe_artifacts_keep_their_types(tmp_path):

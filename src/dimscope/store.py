@@ -280,11 +280,11 @@ class Run:
 
     @property
     def layers(self) -> list[str]:
-        m = self.manifest.get("layers")
-        if m:
-            return list(m)
-        rows = self._con.execute("SELECT DISTINCT layer FROM scalars WHERE space != 'training' ORDER BY rowid").fetchall()
-        return [r[0] for r in rows]
+        """The tracked layers: the latest session's (manifest) first, in its order, then any other
+        layer with stored values (an appended session that tracked other layers hides none)."""
+        m = list(self.manifest.get("layers") or [])
+        rows = self._con.execute("SELECT layer FROM scalars WHERE space != 'training' GROUP BY layer ORDER BY MIN(rowid)").fetchall()
+        return m + [r[0] for r in rows if r[0] not in m and r[0] != ""]
 
     @property
     def conventions(self) -> list[str]:
@@ -415,6 +415,8 @@ class Run:
         if out.is_dir() or not out.suffix:
             out.mkdir(parents=True, exist_ok=True)
             out = out / f"scalars.{format}"
+        elif out.suffix.lower() in (".csv", ".parquet") and out.suffix.lower() != f".{format}":
+            raise ValueError(f"The 'out' parameter of Run.export ends in {out.suffix!r} but 'format' is {format!r}. Got {str(out)!r}.")
         df = self.scalars()
         if format == "csv":
             df.to_csv(out, index=False)

@@ -610,7 +610,7 @@ class Tracker:
     def _collect_features(self, step: int) -> dict[str, dict[str, torch.Tensor]]:
         feats: dict[str, dict[str, torch.Tensor]] = {}
         if "probe" in self.modes:
-            feats["probe"] = self._probe_features()
+            feats["probe"] = self._probe_features(step)
         if "batch" in self.modes and self._batch_capture is not None:
             outs = dict(self._batch_capture.outputs)
             if not outs and not self._batch_capture._handles:
@@ -631,13 +631,29 @@ class Tracker:
                     RuntimeWarning,
                     stacklevel=3,
                 )
-            feats["batch"] = {k: to_features(v, max_rows=self.max_rows, conv=self.conv, seed=self.seed) for k, v in outs.items()}
+            feats["batch"] = self._features(outs, step)
             self._batch_capture.clear()
         return feats
 
-    def _probe_features(self) -> dict[str, torch.Tensor]:
-        outs = probe_forward(self.model, self.probe, self.layers, batch_size=self.probe_batch_size)
-        return {name: to_features(t, max_rows=self.max_rows, conv=self.conv, seed=self.seed) for name, t in outs.items()}
+    def _probe_features(self, step: int) -> dict[str, torch.Tensor]:
+        return self._features(probe_forward(self.model, self.probe, self.layers, batch_size=self.probe_batch_size), step)
+
+    def _features(self, outs: Mapping[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+        """Each layer's output as a feature matrix; a layer whose output cannot be one (a scalar) is
+        skipped with a warning, the others are measured."""
+        feats = {}
+        for name, t in outs.items():
+            try:
+                feats[name] = to_features(t, max_rows=self.max_rows, conv=self.conv, seed=self.seed)
+            except (ValueError, TypeError) as e:
+                self._layer_failed(name, step, e)
+        return feats
+
+    def _layer_failed(self, layer: str, step: int, e: BaseException) -> None:
+        if layer not in self._failure_warned:  # once per layer
+            self._failure_warned.add(layer)
+            warnings.warn(f"dimscope: layer {layer!r} could not be measured at step {step} and is skipped "
+                          f"where it fails: {e!r}", RuntimeWarning, stacklevel=5)
 
     def _grad_norm(self) -> float:
         grads = [p.grad.detach() for p in self.model.parameters() if p.grad is not None]
@@ -841,10 +857,7 @@ class Tracker:
                 # scalars (loss...) are kept (by _finish)
                 raise failed[0][1]
             for layer, e in failed:
-                if layer not in self._failure_warned:  # once per layer
-                    self._failure_warned.add(layer)
-                    warnings.warn(f"dimscope: layer {layer!r} could not be measured at step {step} and is skipped "
-                                  f"where it fails: {e!r}", RuntimeWarning, stacklevel=4)
+                self._layer_failed(layer, step, e)
         for r in m.rows:
             values[("", r[3])] = r[4]
         m.rows = []  # written below, with the measured values

@@ -89,7 +89,9 @@ def _sensitivity(a_phases: pd.DataFrame, trans: pd.DataFrame, corr: pd.DataFrame
                 if len(cc):
                     rr = cc.iloc[0]
                     vals[c] = f"{rr.rho:+.3f} [{rr.lo:+.2f}, {rr.hi:+.2f}]"
-                    signs.append(0 if rr.lo <= 0 <= rr.hi else int(np.sign(rr.rho)))
+                    # no sign when ρ or its interval is undefined (a constant series, a single measurement)
+                    defined = bool(np.isfinite([rr.rho, rr.lo, rr.hi]).all())
+                    signs.append(0 if not defined or rr.lo <= 0 <= rr.hi else int(np.sign(rr.rho)))
             if vals:
                 holds = len(signs) == len(conventions) and len(set(signs)) == 1 and signs[0] != 0
                 rows.append({"layer": layer, "metric": m, "conclusion": "rho with loss (sign, 95% interval)", **vals, "holds": "yes" if holds else "no"})
