@@ -39,6 +39,8 @@ def spearman_interval(x: Any, y: Any, n_boot: int = 200, block: int | None = Non
     if n < 3:
         return float("nan"), float("nan"), float("nan")
     n_boot = check_int(n_boot, "n_boot", min_value=10, owner="spearman_interval")
+    if np.ptp(x) == 0 or np.ptp(y) == 0:  # a constant series (a frozen layer): ρ is undefined
+        return float("nan"), float("nan"), float("nan")
     rho = float(spearmanr(x, y).statistic)
     b = max(1, int(np.ceil(n ** (1 / 3)))) if block is None else check_int(block, "block", min_value=1, owner="spearman_interval")
     rng = np.random.default_rng(seed)
