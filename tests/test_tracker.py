@@ -468,6 +468,14 @@ def test_weight_spectra_every_tenth_measurement_by_default(tmp_path):
     assert run.manifest["weight_every"] == 20
     with pytest.raises(ValueError, match="The 'weight_every' parameter of Tracker must be an int >= 1. Got 0"):
         dimscope.Tracker(model, probe=torch.randn(4, 10), weight_every=0)
+    # a period that is not a multiple of every: the first measurement of each block of 4 steps
+    with dimscope.Tracker(model, probe=torch.randn(16, 10), every=3, weight_every=4, spectra_every=4, layers="0",
+                          run=tmp_path / "w4") as tr:
+        train(model, tr, steps=15)
+    run = dimscope.open_run(tmp_path / "w4")
+    assert list(run.metric("stable_rank", "0", space="weight").index) == [0, 6, 9, 12]
+    assert list(run.spectra("0").index) == [0, 6, 9, 12]
+    assert list(run.metric("stable_rank", "0").index) == [0, 3, 6, 9, 12]  # moment metrics in between
 
 
 def test_background_auto_batches_when_torch_uses_every_core(monkeypatch):

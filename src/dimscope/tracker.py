@@ -275,8 +275,9 @@ class Tracker:
     spectra:
         ``"all"`` stores every eigenvalue, an int K the top K, ``None`` none.
     spectra_every:
-        Compute the whole spectrum (every metric, and the stored spectra) when
-        ``step % spectra_every == 0``; default ``every``, i.e. at every measurement. At the other
+        Compute the whole spectrum (every metric, and the stored spectra) at the first measurement
+        in each block of ``spectra_every`` steps (at ``step % spectra_every == 0`` when it is a
+        multiple of ``every``); default ``every``, i.e. at every measurement. At the other
         measurements only the moment metrics (``stable_rank``, ``participation_ratio``: tr C, tr C²
         and λ_1 by Lanczos, no eigendecomposition) are recorded, at a fraction of the cost. With
         ``spectra=None`` and only moment metrics requested, no measurement needs an
@@ -284,8 +285,9 @@ class Tracker:
     weight_metrics:
         Also measure the spectrum of each tracked layer's weight matrix.
     weight_every:
-        Measure weight spectra when ``step % weight_every == 0`` (default ``10 * every``: weights move
-        slowly, and their eigendecomposition is as costly as the activations').
+        Measure weight spectra at the first measurement in each block of ``weight_every`` steps (at
+        ``step % weight_every == 0`` when it is a multiple of ``every``; default ``10 * every``:
+        weights move slowly, and their eigendecomposition is as costly as the activations').
     grad_norm:
         Record the global gradient norm at each measurement (call ``step`` before ``zero_grad``).
     max_rows:
@@ -373,6 +375,7 @@ class Tracker:
         # requested metric is a moment metric.
         self._needs_spectrum = self.store_spectra or len(self._moment_spec) < len(self.metric_spec)
         self._top_vectors: dict[tuple[str, str, str], np.ndarray] = {}  # Lanczos warm starts
+        self._blocks: dict[str, int] = {}  # the last block of spectra_every / weight_every steps measured
         self._workspace = Workspace()  # float64 buffers reused by every flush (one flush at a time)
         self.weight_metrics = bool(weight_metrics)
         self.weight_every = (
@@ -662,12 +665,22 @@ class Tracker:
         norms = torch._foreach_norm(grads)
         return float(torch.linalg.vector_norm(torch.stack([n.to(torch.float64) for n in norms])))
 
+    def _first_in_block(self, kind: str, step: int, period: int) -> bool:
+        """Whether this measurement is the first in its block of ``period`` steps (for ``kind``); with
+        ``every`` dividing ``period`` that is ``step % period == 0``, and otherwise a period that is
+        not a multiple of ``every`` is still honoured (every=3, weight_every=4: steps 0, 6, 9, 12...)."""
+        block = step // period
+        if self._blocks.get(kind) == block:
+            return False
+        self._blocks[kind] = block
+        return True
+
     def _measure(self, step: int, now: float, force: bool = False) -> dict[tuple[str, str], float] | None:
-        full = self._needs_spectrum and (force or step % self.spectra_every == 0)
+        full = self._needs_spectrum and (self._first_in_block("spectra", step, self.spectra_every) or force)
         measure_any = full or bool(self._moment_spec)
         feats = self._collect_features(step) if measure_any else {}
         weights: dict[str, torch.Tensor] = {}
-        if measure_any and self.weight_metrics and step % self.weight_every == 0:
+        if measure_any and self.weight_metrics and self._first_in_block("weights", step, self.weight_every):
             weights = {name: w.detach().clone() for name, w in iter_layer_weights(self.model, self.layers)}
         if self.grad_norm:
             self._train_rows.append((step, now, "", "grad_norm", self._grad_norm(), "training", ""))
