@@ -177,6 +177,8 @@ def test_nan_activations_warn_and_store_nan_while_training_goes_on(tmp_path):
         (dict(layers=3), TypeError, "The 'layers' parameter must be a module path, a glob, a list of them"),
         (dict(layers=["0", 3]), TypeError, "The 'layers' parameter must hold module paths or globs (str). Got 3 (int)"),
         (dict(extensions=[1]), TypeError, "The 'extensions' parameter of Tracker must hold TrackerExtension objects"),
+        (dict(mode=("probe", "probe")), ValueError, "The 'mode' parameter of Tracker must not repeat a mode. Got ('probe', 'probe')."),
+        (dict(conventions=("centered", "centered")), ValueError, "The 'conventions' parameter of Tracker must not repeat a convention."),
     ],
 )
 def test_bad_input_errors(kwargs, exc, msg):
@@ -254,6 +256,8 @@ def test_export_csv_and_parquet(tmp_path):
     with pytest.raises(ValueError, match="The 'out' parameter of Run.export ends in '.parquet' but 'format' is 'csv'"):
         run.export(tmp_path / "y.parquet", format="csv")
     assert {"n_samples", "n_features", "centered", "ceiling", "params"} <= set(df.columns)
+    with pytest.raises(KeyError, match="No stored spectra to recompute 'eps_rank' from for layer 'fc9'"):
+        run.recompute("eps_rank", "fc9", eps=0.1)
 
 
 def test_every_value_carries_what_it_was_measured_on(tmp_path):

@@ -377,8 +377,14 @@ class Run:
             specs = self.spectra(lay, space=space, convention=convention)
             vals = [compute_metrics(s, {metric: params})[metric] for s in specs.values]
             frames.append(pd.DataFrame({"step": specs.index.astype(int), "layer": lay, "value": vals}))
-        if not frames:
-            return pd.DataFrame(columns=["step", "layer", "value"])
+        if not any(len(f) for f in frames):
+            conv = convention if convention is not None else (self.default_convention if space == "activation" else "weight")
+            stored = self._con.execute("SELECT DISTINCT layer, space, convention FROM spectra").fetchall()
+            raise KeyError(
+                f"No stored spectra to recompute {metric!r} from for layer {layer if layer is not None else 'any'!r}, "
+                f"space {space!r}, convention {conv!r} (a run written with spectra=None stores none). "
+                f"Stored (layer, space, convention): {stored[:30]}"
+            )
         return pd.concat(frames, ignore_index=True)
 
     def events(self, kind: str | None = None) -> pd.DataFrame:

@@ -348,12 +348,16 @@ class Tracker:
             raise ValueError("The 'mode' parameter of Tracker must name at least one of 'probe', 'batch'. Got ().")
         for m in modes:
             check_choice(m, "mode", ("probe", "batch"), owner="Tracker")
+        if len(set(modes)) < len(modes):
+            raise ValueError(f"The 'mode' parameter of Tracker must not repeat a mode. Got {mode!r}.")
         self.modes = modes
         self.conventions = (conventions,) if isinstance(conventions, str) else tuple(conventions)
         if not self.conventions:
             raise ValueError("The 'conventions' parameter of Tracker must name at least one convention. Got ().")
         for c in self.conventions:
             check_choice(c, "conventions", ("centered", "uncentered"), owner="Tracker")
+        if len(set(self.conventions)) < len(self.conventions):
+            raise ValueError(f"The 'conventions' parameter of Tracker must not repeat a convention. Got {conventions!r}.")
         if max_rows is not None:
             check_int(max_rows, "max_rows", min_value=2, owner="Tracker")
         self.max_rows = max_rows
