@@ -275,9 +275,9 @@ class Tracker:
     spectra:
         ``"all"`` stores every eigenvalue, an int K the top K, ``None`` none.
     spectra_every:
-        Compute the whole spectrum (every metric, and the stored spectra) at the first measurement
-        in each block of ``spectra_every`` steps (at ``step % spectra_every == 0`` when it is a
-        multiple of ``every``); default ``every``, i.e. at every measurement. At the other
+        Compute the whole spectrum (every metric, and the stored spectra) when
+        ``step % spectra_every == 0`` (if it is not a multiple of ``every``: at the first measurement
+        in each block of ``spectra_every`` steps); default ``every``, i.e. at every measurement. At the other
         measurements only the moment metrics (``stable_rank``, ``participation_ratio``: tr C, tr C²
         and λ_1 by Lanczos, no eigendecomposition) are recorded, at a fraction of the cost. With
         ``spectra=None`` and only moment metrics requested, no measurement needs an
@@ -285,9 +285,9 @@ class Tracker:
     weight_metrics:
         Also measure the spectrum of each tracked layer's weight matrix.
     weight_every:
-        Measure weight spectra at the first measurement in each block of ``weight_every`` steps (at
-        ``step % weight_every == 0`` when it is a multiple of ``every``; default ``10 * every``:
-        weights move slowly, and their eigendecomposition is as costly as the activations').
+        Measure weight spectra when ``step % weight_every == 0`` (if it is not a multiple of
+        ``every``: at the first measurement in each block of ``weight_every`` steps; default
+        ``10 * every``: weights move slowly, and their eigendecomposition is as costly as the activations').
     grad_norm:
         Record the global gradient norm at each measurement (call ``step`` before ``zero_grad``).
     max_rows:
@@ -670,9 +670,11 @@ class Tracker:
         return float(torch.linalg.vector_norm(torch.stack([n.to(torch.float64) for n in norms])))
 
     def _first_in_block(self, kind: str, step: int, period: int) -> bool:
-        """Whether this measurement is the first in its block of ``period`` steps (for ``kind``); with
-        ``every`` dividing ``period`` that is ``step % period == 0``, and otherwise a period that is
-        not a multiple of ``every`` is still honoured (every=3, weight_every=4: steps 0, 6, 9, 12...)."""
+        """Whether ``kind`` (spectra, weights) is due at this measurement: ``step % period == 0`` when
+        ``every`` divides ``period``; otherwise the first measurement in each block of ``period``
+        steps, so that the period is still honoured (every=3, weight_every=4: steps 0, 6, 9, 12...)."""
+        if period % self.every == 0:
+            return step % period == 0
         block = step // period
         if self._blocks.get(kind) == block:
             return False
