@@ -99,7 +99,10 @@ def test_hf_series_analysis_matches_an_independent_computation(hf_series, tmp_pa
     assert len(df) == len(PYTHIA_STEPS) * (2 * (2 + 2) + 1)
     assert run.manifest["probe_split"]["key"] == split.key()
     sc = run.scalars(space="activation")  # every value with what it was measured on: 96 token rows x 32 features
-    assert (sc.n_samples == 96).all() and (sc.n_features == 32).all() and (sc.ceiling == 32).all() and (sc.centered == 1).all()
+    dim = sc[sc.metric.isin(["rankme", "stable_rank"])]
+    assert len(dim) == 2 * 2 * len(PYTHIA_STEPS)
+    assert (dim.n_samples == 96).all() and (dim.n_features == 32).all() and (dim.ceiling == 32).all() and (dim.centered == 1).all()
+    assert sc[sc.metric.str.startswith("probe_")].n_samples.isna().all()  # a probe's accuracy is not described by the spectrum's shape
 
 
 @pytest.mark.parametrize("fmt", ["pt", "safetensors"])

@@ -566,12 +566,64 @@ def test_commit_seconds_holds_between_measurements_far_apart(tmp_path, backgroun
     while True:  # a background thread writes on its own time
         run = dimscope.open_run(tmp_path / "c")
         df = run.scalars()
-        if len(df) >= 10 or time.time() > deadline:
+        if (df.metric == "loss").sum() >= 3 or time.time() > deadline:
             break
         time.sleep(0.05)
     assert list(run.metric("stable_rank", "0").index) == [0]
     assert list(run.training("loss").index) == [0, 1, 2]
     tr.close()
+
+
+def test_a_slow_measurement_thread_does_not_stall_training_through_timed_commits(tmp_path):
+    """The measurement thread is stuck in a measurement; training goes on with a commit due at every
+    step (commit_seconds=0) and a queue of 2: at most one timed commit waits at a time."""
+    import threading
+
+    release = threading.Event()
+
+    class Stuck(dimscope.Tracker):
+        def features_to_spectrum(self, X, center):
+            release.wait(30)
+            return super().features_to_spectrum(X, center)
+
+    tr = Stuck(mlp(), probe=torch.randn(16, 10), every=1000, layers="0", run=tmp_path / "s", background=True,
+               queue_size=2, commit_seconds=0.0)
+    done = threading.Event()
+
+    def training():
+        for s in range(200):
+            tr.step(s, loss=float(s))
+        done.set()
+
+    t = threading.Thread(target=training)
+    t.start()
+    finished = done.wait(20)
+    release.set()
+    t.join()
+    tr.close()
+    assert finished
+    run = dimscope.open_run(tmp_path / "s")
+    assert list(run.training("loss").index) == list(range(200)) and list(run.metric("stable_rank", "0").index) == [0]
+
+
+def test_without_a_run_directory_history_keeps_every_training_scalar():
+    tr = dimscope.Tracker(mlp(), probe=torch.randn(16, 10), every=10000, layers="0", commit_seconds=1e9)
+    for s in range(3000):
+        tr.step(s, loss=float(s))
+    tr.close()
+    assert sorted(h["step"] for h in tr.history if h["metric"] == "loss") == list(range(3000))
+
+
+def test_measurements_after_an_inference_mode_block_and_numpy_metric_parameters():
+    tr = dimscope.Tracker(mlp(), probe=torch.randn(16, 10), every=1, layers="0", background=False,
+                          metrics={"eps_rank": {"eps": np.float32(0.01), "relative": np.bool_(True)}, "stable_rank": {}})
+    with torch.inference_mode():
+        first = tr.step(0)
+    later = [tr.step(s) for s in (1, 2)]
+    tr.close()
+    assert all(("0", "stable_rank") in v for v in [first, *later])
+    assert tr.metric_spec["eps_rank"] == {"eps": pytest.approx(0.01), "relative": True}
+    assert type(tr.metric_spec["eps_rank"]["relative"]) is bool
 
 
 def test_batch_mode_hooks_live_only_before_measured_steps(tmp_path):

@@ -252,7 +252,9 @@ def check_metric_spec(
     received (rather than a failure at every measurement)."""
     import inspect
 
-    spec = _normalize_metric_spec(metrics)
+    # numpy scalars (np.float32(1e-2), np.bool_) become Python numbers: they are stored as JSON
+    spec = {name: {k: (v.item() if isinstance(v, np.generic) else v) for k, v in params.items()}
+            for name, params in _normalize_metric_spec(metrics).items()}
     where = f" of {owner}" if owner else ""
     probe = Spectrum(np.array([2.0, 1.0, 0.0]), 4, 3, True)
     for name, params in spec.items():

@@ -340,7 +340,8 @@ class Workspace:
         key = (tag, shape)
         buf = self._bufs.get(key)
         if buf is None or buf.shape[0] < rows:
-            buf = torch.empty((rows, *shape), dtype=torch.float64)
+            with torch.inference_mode(False):  # a normal tensor, usable after an inference_mode block
+                buf = torch.empty((rows, *shape), dtype=torch.float64)
             self._bufs.pop(key, None)
             if self.nbytes() + buf.numel() * 8 <= self.max_bytes:
                 self._bufs[key] = buf

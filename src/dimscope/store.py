@@ -55,7 +55,7 @@ CREATE TABLE IF NOT EXISTS measured (
     step INTEGER NOT NULL, wall_time REAL, layer TEXT NOT NULL, space TEXT NOT NULL, convention TEXT NOT NULL,
     n_samples INTEGER, n_features INTEGER, centered INTEGER, ceiling INTEGER, params TEXT
 );
-CREATE INDEX IF NOT EXISTS measured_k ON measured (layer, space, convention, step, wall_time);
+CREATE UNIQUE INDEX IF NOT EXISTS measured_k ON measured (layer, space, convention, step, wall_time);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, step INTEGER, wall_time REAL, kind TEXT NOT NULL,
     layer TEXT, metric TEXT, payload TEXT
@@ -167,7 +167,7 @@ class RunStore:
             js = params if isinstance(params, str) or params is None else _json(params)
             out.append((step, wall_time, layer, space, conv, int(n), int(d), int(bool(centered)), ceiling, js))
         with self._lock:
-            self._con.executemany("INSERT INTO measured VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", out)
+            self._con.executemany("INSERT OR REPLACE INTO measured VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", out)
 
     def add_spectrum(
         self, step: int, wall_time: float, layer: str, spec: Spectrum, *, space: str, convention: str, top_k: int | None = None
@@ -283,7 +283,10 @@ class Run:
         """The tracked layers: the latest session's (manifest) first, in its order, then any other
         layer with stored values (an appended session that tracked other layers hides none)."""
         m = list(self.manifest.get("layers") or [])
-        rows = self._con.execute("SELECT layer FROM scalars WHERE space != 'training' GROUP BY layer ORDER BY MIN(rowid)").fetchall()
+        if self._has_table("measured"):  # one row per layer and measurement: small, indexed by layer
+            rows = self._con.execute("SELECT layer FROM measured GROUP BY layer ORDER BY MIN(rowid)").fetchall()
+        else:
+            rows = self._con.execute("SELECT layer FROM scalars WHERE space != 'training' GROUP BY layer ORDER BY MIN(rowid)").fetchall()
         return m + [r[0] for r in rows if r[0] not in m and r[0] != ""]
 
     @property
@@ -310,12 +313,17 @@ class Run:
             for c in _MEASURED_COLUMNS:
                 df[c] = None
             return df
-        # a value and its description share the measurement's step and wall_time
+        # a value and its description share the measurement's step and wall_time; only the
+        # dimensionality metrics are described (not e.g. a probe accuracy stored beside them).
+        # NOT INDEXED: the scalars are read in storage order, the description looked up by its index.
+        from .metrics import METRICS
+
         sql = (
             "SELECT s.step, s.wall_time, s.layer, s.metric, s.value, s.space, s.convention, "
             + ", ".join(f"m.{c}" for c in _MEASURED_COLUMNS)
-            + " FROM scalars s LEFT JOIN measured m ON m.layer = s.layer AND m.space = s.space"
+            + " FROM scalars s NOT INDEXED LEFT JOIN measured m ON m.layer = s.layer AND m.space = s.space"
             " AND m.convention = s.convention AND m.step = s.step AND m.wall_time = s.wall_time"
+            " AND s.metric IN (" + ", ".join(f"'{k}'" for k in METRICS) + ")"
         )
         return self._df(sql + cond + " ORDER BY s.step, s.rowid", params)
 

@@ -445,6 +445,7 @@ class Tracker:
         self._pending: list[_Measurement] = []
         self._pending_bytes = 0
         self._next_commit = time.monotonic() + commit_seconds  # see _commit_due
+        self._commit_in_flight = False
         self._batch_size = commit_every
         self._batch_seconds = commit_seconds
         self._batch_armed_always = False
@@ -558,14 +559,15 @@ class Tracker:
             ext.on_step(self, step, measuring)
         self.last_step = step
         try:
-            if not measuring:
-                t = time.monotonic()
-                if t >= self._next_commit:
-                    self._commit_due(t)
-                elif len(self._train_rows) >= 2048:
-                    self._submit(self._flush_rows_job(self._take_train_rows()))
-                return None
-            return self._measure(step, now, force)
+            result = None
+            if measuring:
+                result = self._measure(step, now, force)
+            elif len(self._train_rows) >= 2048:
+                self._submit(self._flush_rows_job(self._take_train_rows()))
+            t = time.monotonic()
+            if t >= self._next_commit:
+                self._commit_due(t)
+            return result
         finally:
             if self._batch_capture is not None and self._batch_capture.compiled:
                 # a torch.compile'd forward keeps the hooks it was traced with: removing them between
@@ -577,19 +579,26 @@ class Tracker:
                 self._arm_batch_capture((step + 1) % self.every == 0)
 
     def _commit_due(self, t: float) -> None:
-        """Every ``commit_seconds``, checked at each step that does not measure: what is buffered
-        (measurements, training scalars) is written and committed, so a SIGKILL loses at most that
-        much also when measurements are far apart."""
+        """Every ``commit_seconds``, checked at each step: what is buffered (measurements, training
+        scalars) is written and committed, so a SIGKILL loses at most that much also when
+        measurements are far apart. On the measurement thread at most one such job waits at a time
+        (a slow measurement must not fill the bounded queue and stall training)."""
         self._next_commit = t + self._batch_seconds
+        if self._commit_in_flight:
+            return
         if self._pending:
             self._flush_pending()  # computes, writes and commits
         rows, store = self._take_train_rows(), self.store
 
         def job() -> None:
-            self._write_rows(rows)
-            if store is not None and not store.closed:
-                store.commit()
+            try:
+                self._write_rows(rows)
+                if store is not None and not store.closed:
+                    store.commit()
+            finally:
+                self._commit_in_flight = False
 
+        self._commit_in_flight = self._worker is not None
         self._submit(job)
 
     def _arm_batch_capture(self, on: bool) -> None:
@@ -606,11 +615,8 @@ class Tracker:
         return rows
 
     def _flush_rows_job(self, rows: list[_Row]) -> Callable[[], None]:
-        store = self.store
-
         def job() -> None:
-            if store is not None and rows:
-                store.add_scalars(rows)
+            self._write_rows(rows)  # to the store, or to history without one
 
         return job
 
