@@ -258,6 +258,8 @@ def test_export_csv_and_parquet(tmp_path):
     assert {"n_samples", "n_features", "centered", "ceiling", "params"} <= set(df.columns)
     with pytest.raises(KeyError, match="No stored spectra to recompute 'eps_rank' from for layer 'fc9'"):
         run.recompute("eps_rank", "fc9", eps=0.1)
+    with pytest.raises(KeyError, match="No values for metric 'stable_rank' layer '0' space 'activation' convention 'batch/centered'"):
+        run.metric("stable_rank", "0", convention="batch/centered")
 
 
 def test_every_value_carries_what_it_was_measured_on(tmp_path):

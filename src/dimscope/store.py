@@ -348,8 +348,9 @@ class Run:
             )
             label = f"{layer}/{name}"
         if df.empty:
-            known = self._con.execute("SELECT DISTINCT metric, layer, space FROM scalars").fetchall()
-            raise KeyError(f"No values for metric {name!r} layer {layer!r} space {space!r} in this run. Stored: {known[:30]}")
+            known = self._con.execute("SELECT DISTINCT metric, layer, space, convention FROM scalars").fetchall()
+            where = f" convention {conv!r}" if layer is not None and space != "training" else ""
+            raise KeyError(f"No values for metric {name!r} layer {layer!r} space {space!r}{where} in this run. Stored: {known[:30]}")
         s = df.drop_duplicates("step", keep="last").set_index("step")["value"]
         s.name = label
         return s
