@@ -446,6 +446,35 @@ def test_a_layer_with_a_scalar_output_is_skipped_with_a_warning_naming_it(tmp_pa
     assert list(run.metric("stable_rank", "fc", convention=f"{mode}/centered").index) == [0, 1, 2]
 
 
+def test_a_dict_probe_with_an_attention_mask_leaves_padding_out(tmp_path):
+    """Hugging Face style probe: (B, T, D) outputs keep only the tokens the attention_mask marks."""
+
+    class Tok(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(20, 6)
+
+        def forward(self, input_ids, attention_mask):
+            return self.emb(input_ids)
+
+    torch.manual_seed(0)
+    model = Tok()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 20, (8, 5), generator=g)
+    mask = torch.ones(8, 5, dtype=torch.long)
+    mask[:3, 3:] = 0  # 6 padded positions
+    ids[mask == 0] = 0
+    with dimscope.Tracker(model, probe={"input_ids": ids, "attention_mask": mask}, every=1, layers=["emb"], run=tmp_path / "p",
+                          weight_metrics=False) as tr:
+        tr.step(0, loss=1.0)
+    run = dimscope.open_run(tmp_path / "p")
+    with torch.no_grad():
+        real = model.emb(ids)[mask.bool()]
+    assert real.shape == (34, 6) and run.manifest["probe_tokens"] == 34
+    assert run.metric("stable_rank", "emb")[0] == pytest.approx(dimscope.stable_rank(dimscope.spectrum(real)), rel=1e-9)
+    assert (run.scalars(space="activation").n_samples == 34).all()
+
+
 def test_dataframe_artifacts_keep_their_types(tmp_path):
     store = dimscope.RunStore(tmp_path / "a")
     df = pd.DataFrame({"layer": ["0", "2"], "metric": ["stable_rank", "rankme"], "value": [1.5, 2.0], "step": [10, 20]})

@@ -169,6 +169,15 @@ def _slice_probe(probe: Any, a: int, b: int, device: torch.device | None) -> Any
     return tuple(mv(v) for v in probe)
 
 
+def _token_mask(probe: Any) -> torch.Tensor | None:
+    """The (B, T) ``attention_mask`` of a dict probe (Hugging Face style) as booleans, else None."""
+    if isinstance(probe, Mapping):
+        m = probe.get("attention_mask")
+        if isinstance(m, torch.Tensor) and m.ndim == 2:
+            return m.detach().bool()
+    return None
+
+
 def _call(model: nn.Module, inputs: Any) -> Any:
     if isinstance(inputs, Mapping):
         return model(**inputs)
@@ -411,6 +420,7 @@ class Tracker:
         if probe_batch_size is not None:
             check_int(probe_batch_size, "probe_batch_size", min_value=1, owner="Tracker")
         self.probe_batch_size = probe_batch_size
+        self._probe_mask = _token_mask(probe) if "probe" in modes else None
         self.layers = resolve_layers(model, layers)
         self.history: list[dict[str, Any]] = []
         self.latest: dict[tuple[str, str], float] = {}
@@ -498,6 +508,8 @@ class Tracker:
         if self.probe is not None:
             entries["probe_hash"] = _probe_hash(self.probe)
             entries["probe_size"] = _probe_len(self.probe)
+            if self._probe_mask is not None:
+                entries["probe_tokens"] = int(self._probe_mask.sum())  # attention_mask: padding is not measured
             entries["probe_shape"] = [list(t.shape) for t in _probe_tensors(self.probe)]
         self.store.set_manifest(entries)
         self.store.commit()
@@ -649,7 +661,11 @@ class Tracker:
         return feats
 
     def _probe_features(self, step: int) -> dict[str, torch.Tensor]:
-        return self._features(probe_forward(self.model, self.probe, self.layers, batch_size=self.probe_batch_size), step)
+        outs = probe_forward(self.model, self.probe, self.layers, batch_size=self.probe_batch_size)
+        mask = self._probe_mask
+        if mask is not None:  # (B, T, D) outputs: the probe's real tokens only, padding left out
+            outs = {k: (v[mask.to(v.device)] if v.ndim == 3 and tuple(v.shape[:2]) == tuple(mask.shape) else v) for k, v in outs.items()}
+        return self._features(outs, step)
 
     def _features(self, outs: Mapping[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         """Each layer's output as a feature matrix; a layer whose output cannot be one (a scalar) is
