@@ -23,6 +23,12 @@ __all__ = ["Spectrum", "spectrum", "spectrum_from_gram", "weight_spectrum", "bat
 _NEG_TOL = 1e-9
 
 
+def ceiling(n_samples: int, n_features: int, centered: bool) -> int:
+    """The number of eigenvalues a spectrum has (its largest possible rank): min(n - 1, d)
+    centered, min(n, d) uncentered."""
+    return max(0, min(int(n_samples) - (1 if centered else 0), int(n_features)))
+
+
 class NonFiniteError(ValueError):
     """The feature matrix holds NaN or Inf values."""
 
@@ -59,7 +65,7 @@ class Spectrum:
     @property
     def ceiling(self) -> int:
         """The largest possible rank: min(n - 1, d) centered, min(n, d) uncentered."""
-        return max(0, min(self.n_samples - (1 if self.centered else 0), self.n_features))
+        return ceiling(self.n_samples, self.n_features, self.centered)
 
     @property
     def truncated(self) -> bool:
@@ -147,7 +153,7 @@ class Moments:
 
     @property
     def ceiling(self) -> int:
-        return max(0, min(self.n_samples - (1 if self.centered else 0), self.n_features))
+        return ceiling(self.n_samples, self.n_features, self.centered)
 
     def info(self) -> dict[str, Any]:
         return {"n_samples": self.n_samples, "n_features": self.n_features, "centered": self.centered, "ceiling": self.ceiling}
@@ -387,7 +393,7 @@ def _by_ceiling(items: list[tuple[int, np.ndarray, int, int]], tasks: list[Any])
     """Positions in ``items`` grouped by the number of eigenvalues kept, min(n - 1, d) or min(n, d)."""
     out: dict[int, list[int]] = {}
     for r, (i, _, n, d) in enumerate(items):
-        out.setdefault(max(0, min(n - (1 if tasks[i][1] else 0), d)), []).append(r)
+        out.setdefault(ceiling(n, d, bool(tasks[i][1])), []).append(r)
     return out
 
 
@@ -500,8 +506,7 @@ def spectrum_from_gram(
         raise NonFiniteError("The feature matrix holds NaN or Inf values.")
     denom = 1.0 if normalized else float(max(n_samples - (1 if centered else 0), 1))
     ev = _eigvalsh_desc(G / denom)
-    m = max(0, min(n_samples - (1 if centered else 0), n_features))
-    return Spectrum(ev[:m].copy(), n_samples, n_features, centered)
+    return Spectrum(ev[: ceiling(n_samples, n_features, centered)].copy(), n_samples, n_features, centered)
 
 
 def spectrum(X: Any, center: bool = True) -> Spectrum:

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .spectrum import Spectrum
+from .spectrum import Spectrum, ceiling
 
 __all__ = ["RunStore", "Run", "open_run", "DB_NAME"]
 
@@ -163,9 +163,8 @@ class RunStore:
         them to every value of that measurement (also when an appended session repeats a step)."""
         out = []
         for step, wall_time, layer, space, conv, n, d, centered, params in rows:
-            ceiling = max(0, min(int(n) - (1 if centered else 0), int(d)))
             js = params if isinstance(params, str) or params is None else _json(params)
-            out.append((step, wall_time, layer, space, conv, int(n), int(d), int(bool(centered)), ceiling, js))
+            out.append((step, wall_time, layer, space, conv, int(n), int(d), int(bool(centered)), ceiling(n, d, centered), js))
         with self._lock:
             self._con.executemany("INSERT OR REPLACE INTO measured VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", out)
 
