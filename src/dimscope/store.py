@@ -326,6 +326,12 @@ class Run:
         )
         return self._df(sql + cond + " ORDER BY s.step, s.rowid", params)
 
+    def _convention(self, space: str, convention: str | None) -> str:
+        """The convention asked for, else the run's default for activations and "weight" for weights."""
+        if convention is not None:
+            return convention
+        return self.default_convention if space == "activation" else "weight"
+
     def _has_table(self, name: str) -> bool:
         return self._con.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone() is not None
 
@@ -340,7 +346,7 @@ class Run:
             )
             label = name
         else:
-            conv = convention if convention is not None else (self.default_convention if space == "activation" else "weight")
+            conv = self._convention(space, convention)
             df = self._df(
                 "SELECT step, value FROM scalars WHERE metric = ? AND layer = ? AND space = ? AND convention = ? ORDER BY step, rowid",
                 [name, layer, space, conv],
@@ -360,7 +366,7 @@ class Run:
 
     def spectra(self, layer: str, *, space: str = "activation", convention: str | None = None) -> pd.Series:
         """The stored spectra of a layer: a Series of :class:`Spectrum` indexed by step."""
-        conv = convention if convention is not None else (self.default_convention if space == "activation" else "weight")
+        conv = self._convention(space, convention)
         rows = self._con.execute(
             "SELECT step, n_samples, n_features, centered, trace, vals FROM spectra "
             "WHERE layer = ? AND space = ? AND convention = ? ORDER BY step, rowid",
@@ -386,7 +392,7 @@ class Run:
             vals = [compute_metrics(s, {metric: params})[metric] for s in specs.values]
             frames.append(pd.DataFrame({"step": specs.index.astype(int), "layer": lay, "value": vals}))
         if not any(len(f) for f in frames):
-            conv = convention if convention is not None else (self.default_convention if space == "activation" else "weight")
+            conv = self._convention(space, convention)
             stored = self._con.execute("SELECT DISTINCT layer, space, convention FROM spectra").fetchall()
             raise KeyError(
                 f"No stored spectra to recompute {metric!r} from for layer {layer if layer is not None else 'any'!r}, "
