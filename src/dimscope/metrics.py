@@ -244,21 +244,26 @@ def _normalize_metric_spec(metrics: Iterable[str] | Mapping[str, Mapping[str, An
     return out
 
 
+def _defaults(name: str) -> dict[str, Any]:
+    """A metric's parameters (after the spectrum) and their default values, from its signature."""
+    import inspect
+
+    return {k: p.default for k, p in list(inspect.signature(METRICS[name]).parameters.items())[1:]}
+
+
 def check_metric_spec(
     metrics: Iterable[str] | Mapping[str, Mapping[str, Any]] | None, *, owner: str | None = None
 ) -> dict[str, dict[str, Any]]:
     """The normalised metric spec, its parameters checked once, up front: an unknown parameter name
     or a value out of range is a ``ValueError`` naming the metric, the parameter and the value
     received (rather than a failure at every measurement)."""
-    import inspect
-
     # numpy scalars (np.float32(1e-2), np.bool_) become Python numbers: they are stored as JSON
     spec = {name: {k: (v.item() if isinstance(v, np.generic) else v) for k, v in params.items()}
             for name, params in _normalize_metric_spec(metrics).items()}
     where = f" of {owner}" if owner else ""
     probe = Spectrum(np.array([2.0, 1.0, 0.0]), 4, 3, True)
     for name, params in spec.items():
-        known = list(inspect.signature(METRICS[name]).parameters)[1:]
+        known = list(_defaults(name))
         unknown = [k for k in params if k not in known]
         if unknown:
             raise ValueError(
@@ -276,11 +281,9 @@ def metric_params(metrics: Iterable[str] | Mapping[str, Mapping[str, Any]] | Non
     """The parameters in force for each parameterised metric of ``metrics``: its defaults updated
     with what was asked (``{"eps_rank": {"eps": 0.001, "relative": True}, "energy_rank": {"q": 0.9}}``
     for the defaults); metrics without parameters are left out."""
-    import inspect
-
     out: dict[str, dict[str, Any]] = {}
     for name, params in _normalize_metric_spec(metrics).items():
-        defaults = {k: p.default for k, p in list(inspect.signature(METRICS[name]).parameters.items())[1:]}
+        defaults = _defaults(name)
         if defaults:
             out[name] = {**defaults, **params}
     return out
