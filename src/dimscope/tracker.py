@@ -872,11 +872,10 @@ class Tracker:
         for mode, layer_feats in m.feats.items():
             for layer, X in layer_feats.items():
                 for conv_name in self.conventions:
-                    cname = self.convention_name(mode, conv_name)
-                    spec, vals = metrics_of((id(X), conv_name == "centered"), layer, "activation")
+                    cname, key = self.convention_name(mode, conv_name), (id(X), conv_name == "centered")
+                    spec, vals = metrics_of(key, layer, "activation")
                     if vals:
-                        measured.append((step, now, layer, "activation", cname, *_shape(spectra[(id(X), conv_name == "centered")], X),
-                                         conv_name == "centered", params))
+                        measured.append((step, now, layer, "activation", cname, *_shape(spectra[key], X), key[1], params))
                     for metric, v in vals.items():
                         rows.append((step, now, layer, metric, v, "activation", cname))
                         if cname == primary:
