@@ -442,3 +442,21 @@ def test_report_of_a_run_with_no_measurement_yet(tmp_path: Path) -> None:
     assert page.sections == ["conventions", "transitions", "validity"]
     assert "no measurement stored yet" in html and page.images == []
     assert (tmp_path / "run" / "report" / "report.html").is_file()
+
+
+def test_ceilings_of_a_run_without_stored_spectra_come_from_the_value_descriptions(tmp_path: Path) -> None:
+    """spectra=None stores no eigenvalues, but every value is stored with n, d and the ceiling."""
+    from dimscope.report.core import _ceilings
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 30), nn.ReLU(), nn.Linear(30, 3))
+    with dimscope.Tracker(model, probe=torch.randn(12, 4), every=1, layers=["0", "2"], run=str(tmp_path / "run"),
+                          spectra=None, metrics=["stable_rank", "participation_ratio"], background=False) as tr:
+        for step in range(3):
+            tr.step(step, loss=1.0)
+    rows = _ceilings(open_run(tmp_path / "run"), "probe/centered").set_index("layer")
+    assert rows.loc["0", "d (features)"] == 30 and rows.loc["2", "d (features)"] == 3
+    c = rows["ceiling min(n−1, d)"]
+    assert c.loc["0"] == 11 and c.loc["2"] == 3  # layer 0 capped by the 12 probe rows, layer 2 by its width
+    assert rows["eigenvalues stored"].tolist() == [0, 0]
+    assert rows.loc["0", "max participation_ratio"] <= 11

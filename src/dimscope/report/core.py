@@ -124,20 +124,34 @@ def _validity(run: Any) -> Mapping[str, Any] | None:
 
 
 # -- sections --------------------------------------------------------------------------------------
-def _ceilings(run: Any, convention: str) -> pd.DataFrame:
-    rows = []
+def _shapes(run: Any, convention: str) -> dict[str, tuple[int, int, bool, int, int]]:
+    """(n, d, centered, ceiling, eigenvalues stored) of each layer's first measurement: from its
+    stored spectra, else from the description stored with every value (runs without spectra)."""
+    out: dict[str, tuple[int, int, bool, int, int]] = {}
     for lay in run.layers:
         specs = run.spectra(lay, convention=convention)
-        if specs.empty:
-            continue
-        s0 = specs.iloc[0]
+        if not specs.empty:
+            s0 = specs.iloc[0]
+            out[lay] = (int(s0.n_samples), int(s0.n_features), bool(s0.centered), int(s0.ceiling), len(s0.values))
+    if len(out) < len(run.layers):
+        df = run.scalars(space="activation", convention=convention).dropna(subset=["n_samples"])
+        for lay, g in df.groupby("layer", sort=False):
+            if lay not in out:
+                r = g.iloc[0]
+                out[str(lay)] = (int(r.n_samples), int(r.n_features), bool(r.centered), int(r.ceiling), 0)
+    return out
+
+
+def _ceilings(run: Any, convention: str) -> pd.DataFrame:
+    rows = []
+    for lay, (n, d, centered, ceiling, stored) in _shapes(run, convention).items():
         row: dict[str, Any] = {
             "layer": lay,
-            "n (probe rows)": s0.n_samples,
-            "d (features)": s0.n_features,
-            "centered": s0.centered,
-            "ceiling min(n−1, d)" if s0.centered else "ceiling min(n, d)": s0.ceiling,
-            "eigenvalues stored": len(s0.values),
+            "n (probe rows)": n,
+            "d (features)": d,
+            "centered": centered,
+            "ceiling min(n−1, d)" if centered else "ceiling min(n, d)": ceiling,
+            "eigenvalues stored": stored,
         }
         for m in ("participation_ratio", "eps_rank"):
             try:
@@ -145,8 +159,8 @@ def _ceilings(run: Any, convention: str) -> pd.DataFrame:
             except KeyError:
                 pass
         eps_max = row.get("max eps_rank")
-        row["eps_rank reaches ceiling"] = bool(eps_max is not None and eps_max >= s0.ceiling)
-        row["capped by probe size"] = bool(s0.n_samples - (1 if s0.centered else 0) < s0.n_features and eps_max is not None and eps_max >= s0.ceiling)
+        row["eps_rank reaches ceiling"] = bool(eps_max is not None and eps_max >= ceiling)
+        row["capped by probe size"] = bool(n - (1 if centered else 0) < d and eps_max is not None and eps_max >= ceiling)
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -216,7 +230,7 @@ def _conventions_section(run: Any, inv: _Inventory) -> ReportSection:
         "<h3>Metric definitions</h3>",
         html_table(def_rows) if def_rows else "<p class='note'>The manifest holds no metric definitions.</p>",
         "<h3>Ceilings per layer</h3>",
-        html_table(ceil) if not ceil.empty else "<p class='note'>No spectra stored (Tracker(spectra=None)): n, d and the ceiling are unknown.</p>",
+        html_table(ceil) if not ceil.empty else "<p class='note'>No measurement stored its shape: n, d and the ceiling are unknown.</p>",
         "<h3>Transition detector and thresholds</h3>",
         _detector_html(run),
     ]
