@@ -71,11 +71,11 @@ def test_capture_records_and_removes_hooks_even_when_forward_raises():
     m = Net()
     before = count_hooks(m)
     with capture(m, ["encoder.0", "head"]) as cap:
-        assert count_hooks(m) == before + 2
+        assert count_hooks(m) == before + 2 and cap.armed
         m(torch.randn(3, 4))
         assert cap.outputs["encoder.0"].shape == (3, 8)
         assert not cap.outputs["head"].requires_grad
-    assert count_hooks(m) == before
+    assert count_hooks(m) == before and not cap.armed
     with pytest.raises(RuntimeError):
         with capture(m, "head"):
             m(torch.randn(3, 5))  # wrong width: the forward raises

@@ -216,6 +216,11 @@ class capture:
             raise
         return self
 
+    @property
+    def armed(self) -> bool:
+        """Whether this object's hooks are registered (between ``__enter__`` and :meth:`remove`)."""
+        return bool(self._handles)
+
     def remove(self) -> None:
         """Remove every hook this object registered (idempotent)."""
         while self._handles:

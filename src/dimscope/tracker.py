@@ -617,9 +617,9 @@ class Tracker:
         cap = self._batch_capture
         if cap is None or self.closed:
             return
-        if on and not cap._handles:
+        if on and not cap.armed:
             cap.__enter__()
-        elif not on and cap._handles:
+        elif not on and cap.armed:
             cap.remove()
 
     def _take_train_rows(self) -> list[_Row]:
@@ -638,7 +638,7 @@ class Tracker:
             feats["probe"] = self._probe_features(step)
         if "batch" in self.modes and self._batch_capture is not None:
             outs = dict(self._batch_capture.outputs)
-            if not outs and not self._batch_capture._handles:
+            if not outs and not self._batch_capture.armed:
                 # The steps are not consecutive (or ``force`` measured off the schedule), so the
                 # forward before this step was not recorded: record every training forward from now on.
                 self._batch_armed_always = True
