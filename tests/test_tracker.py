@@ -23,10 +23,10 @@ def mlp(seed=0):
     return nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Dropout(0.1), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 3))
 
 
-def train(model, tracker, steps=30, seed=0, bad_at=None):
+def train(model, tracker, steps=30, seed=0, bad_at=None, start=0):
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    for step in range(steps):
+    for step in range(start, start + steps):
         x = torch.randn(32, 10, generator=g)
         if bad_at is not None and step >= bad_at:
             x = x * float("nan")
@@ -225,6 +225,20 @@ def test_an_appended_session_with_other_layers_hides_none(tmp_path):
     assert run.layers == ["3", "0"]  # the latest session's first
     rec = run.recompute("stable_rank")
     assert rec.groupby("layer").step.apply(list).to_dict() == {"0": [0, 1, 2], "3": [3, 4, 5]}
+
+
+def test_an_appended_session_in_another_mode_keeps_the_runs_reading_convention(tmp_path):
+    model, probe = mlp(), torch.randn(16, 10)
+    with dimscope.Tracker(model, probe=probe, every=1, layers=["0"], run=tmp_path / "a") as tr:
+        train(model, tr, steps=3)
+    with dimscope.Tracker(model, every=1, layers=["0"], run=tmp_path / "a", mode="batch", conventions=("uncentered",)) as tr:
+        train(model, tr, steps=3, start=3)
+    run = dimscope.open_run(tmp_path / "a")
+    assert run.default_convention == "probe/centered"
+    assert list(run.metric("stable_rank", "0").index) == [0, 1, 2]  # the first session's series, as before the append
+    assert list(run.metric("stable_rank", "0", convention="batch/uncentered").index) == [3, 4, 5]
+    assert run.manifest["modes"] == ["probe", "batch"] and run.manifest["conventions"] == ["centered", "uncentered"]
+    assert [s["modes"] for s in run.manifest["sessions"]] == [["probe"], ["batch"]]
 
 
 def test_run_readable_while_training_writes(tmp_path):

@@ -477,7 +477,11 @@ class Tracker:
         n_params = sum(p.numel() for p in self.model.parameters())
         previous = self.store.get_manifest()
         sessions = list(previous.get("sessions", []))
-        sessions.append({"started": time.time()})
+        sessions.append({"started": time.time(), "modes": list(self.modes), "conventions": list(self.conventions),
+                         "layers": self.layers, "every": self.every})
+        # An appended session keeps the run's reading convention (its first session's), and the run
+        # lists every mode and convention it holds.
+        default = self.convention_name(self.modes[0], self.conventions[0])
         entries: dict[str, Any] = {
             "dimscope_version": __version__,
             "torch_version": torch.__version__,
@@ -485,9 +489,9 @@ class Tracker:
             "model_class": type(self.model).__name__,
             "n_parameters": n_params,
             "layers": self.layers,
-            "modes": list(self.modes),
-            "conventions": list(self.conventions),
-            "default_convention": self.convention_name(self.modes[0], self.conventions[0]),
+            "modes": list(dict.fromkeys([*previous.get("modes", []), *self.modes])),
+            "conventions": list(dict.fromkeys([*previous.get("conventions", []), *self.conventions])),
+            "default_convention": previous.get("default_convention", default),
             "every": self.every,
             "metrics": self.metric_spec,
             "metric_definitions": {k: DEFINITIONS[k] for k in self.metric_spec},
