@@ -119,7 +119,7 @@ def test_hook_count_unchanged_also_when_forward_raises():
     model = mlp()
     before = count_hooks(model)
     tr = dimscope.Tracker(model, probe=torch.randn(8, 10), mode=("probe", "batch"), every=1, layers="auto")
-    assert count_hooks(model) == before + 3  # batch-mode hooks live while the tracker does
+    assert count_hooks(model) == before + 4  # batch-mode hooks (3 layers, the attention_mask) live while the tracker does
     with pytest.warns(RuntimeWarning, match="batch mode found no training forward to measure"):
         tr.step(0)  # no training forward yet: batch mode says so, probe mode measures
     tr.close()
@@ -489,6 +489,43 @@ def test_a_dict_probe_with_an_attention_mask_leaves_padding_out(tmp_path):
     assert (run.scalars(space="activation").n_samples == 34).all()
 
 
+def test_batch_mode_leaves_the_training_batchs_padding_out(tmp_path):
+    """Batch mode reads the attention_mask the model is called with, as probe mode reads the probe's."""
+
+    class Tok(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(20, 6)
+            self.head = nn.Linear(6, 2)
+
+        def forward(self, input_ids, attention_mask=None):
+            return self.head(self.emb(input_ids)).mean(dim=1)
+
+    torch.manual_seed(0)
+    model = Tok()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(1)
+    seen = []
+    with dimscope.Tracker(model, every=1, layers=["emb"], run=tmp_path / "b", mode="batch", weight_metrics=False,
+                          background=False) as tr:
+        for step in range(3):
+            ids = torch.randint(1, 20, (8, 5), generator=g)
+            mask = torch.ones(8, 5, dtype=torch.long)
+            mask[: step + 1, 2:] = 0  # 3, 6 and 9 padded positions
+            ids[mask == 0] = 0
+            loss = model(input_ids=ids, attention_mask=mask).pow(2).mean()
+            with torch.no_grad():
+                seen.append(dimscope.stable_rank(dimscope.spectrum(model.emb(ids)[mask.bool()])))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            tr.step(step, loss=loss.item())
+    run = dimscope.open_run(tmp_path / "b")
+    df = run.scalars(space="activation").query("metric == 'stable_rank'")
+    assert df.n_samples.tolist() == [37, 34, 31]
+    assert df.value.to_numpy() == pytest.approx(seen, rel=1e-9)
+
+
 def test_dataframe_artifacts_keep_their_types(tmp_path):
     store = dimscope.RunStore(tmp_path / "a")
     df = pd.DataFrame({"layer": ["0", "2"], "metric": ["stable_rank", "rankme"], "value": [1.5, 2.0], "step": [10, 20]})
@@ -677,10 +714,10 @@ def test_batch_mode_hooks_live_only_before_measured_steps(tmp_path):
     with dimscope.Tracker(model, every=5, layers="3", mode="batch", run=tmp_path / "a", weight_metrics=False) as tr:
         g = torch.Generator().manual_seed(0)
         for step in range(12):
-            hooks.append(count_hooks(model))  # a hook on layer 3 for this step's forward?
+            hooks.append(count_hooks(model))  # hooks for this step's forward (layer 3's, and the model's attention_mask)?
             model(torch.randn(32, 10, generator=g)).sum().backward()
             tr.step(step)
-    assert hooks == [1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0]
+    assert hooks == [2, 0, 0, 0, 0, 2, 0, 0, 0, 0, 2, 0]
     assert count_hooks(model) == 0
     assert list(dimscope.open_run(tmp_path / "a").metric("stable_rank", "3").index) == [0, 5, 10]
     # steps that skip the schedule: one warning, then every forward is recorded

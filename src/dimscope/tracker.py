@@ -178,6 +178,13 @@ def _token_mask(probe: Any) -> torch.Tensor | None:
     return None
 
 
+def _drop_padding(outs: dict[str, torch.Tensor], mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """(B, T, D) outputs whose (B, T) matches the attention mask: the real tokens only (T x D rows)."""
+    if mask is None:
+        return outs
+    return {k: (v[mask.to(v.device)] if v.ndim == 3 and tuple(v.shape[:2]) == tuple(mask.shape) else v) for k, v in outs.items()}
+
+
 def _call(model: nn.Module, inputs: Any) -> Any:
     if isinstance(inputs, Mapping):
         return model(**inputs)
@@ -445,7 +452,8 @@ class Tracker:
         where = self._resolve_background(background)
         self._batch_capture: capture | None = None
         if "batch" in modes:
-            self._batch_capture = capture(model, self.layers, clone=True, only_grad=True)
+            # the training batch's attention_mask (a keyword argument of the model) leaves padding out, as in probe mode
+            self._batch_capture = capture(model, self.layers, clone=True, only_grad=True, record_mask=True)
             self._batch_capture.__enter__()
         self.background = where == "thread"
         self.batched = where == "batched"
@@ -660,16 +668,13 @@ class Tracker:
                     RuntimeWarning,
                     stacklevel=3,
                 )
-            feats["batch"] = self._features(outs, step)
+            feats["batch"] = self._features(_drop_padding(outs, self._batch_capture.mask), step)
             self._batch_capture.clear()
         return feats
 
     def _probe_features(self, step: int) -> dict[str, torch.Tensor]:
         outs = probe_forward(self.model, self.probe, self.layers, batch_size=self.probe_batch_size)
-        mask = self._probe_mask
-        if mask is not None:  # (B, T, D) outputs: the probe's real tokens only, padding left out
-            outs = {k: (v[mask.to(v.device)] if v.ndim == 3 and tuple(v.shape[:2]) == tuple(mask.shape) else v) for k, v in outs.items()}
-        return self._features(outs, step)
+        return self._features(_drop_padding(outs, self._probe_mask), step)
 
     def _features(self, outs: Mapping[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         """Each layer's output as a feature matrix; a layer whose output cannot be one (a scalar) is
