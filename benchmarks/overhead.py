@@ -16,8 +16,9 @@ Targets: batch-mode dimscope adds at most 1/5 of what ndtracker adds at identica
 mode (probe 512) adds at most 5 % every 50 steps and at most 50 % every 5 steps. Probe mode is
 measured three ways: at its defaults (every metric and the whole float64 spectrum of every layer at
 each measurement), ``probe-moments`` (``metrics=["stable_rank", "participation_ratio"],
-spectra=None``: tr C, tr C² and λ_1, no eigendecomposition of the wide layers) and
-``probe-spectra50`` (the moment metrics at each measurement, everything every 50 steps).
+spectra=None``: tr C, tr C² and λ_1, no eigendecomposition of the wide layers),
+``probe-spectra50`` (the moment metrics at each measurement, everything every 50 steps) and
+``probe-thread`` (the defaults on the measurement thread, ``background=True``, every 50 steps).
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ class Job:
                 "probe-moments": dict(probe=self.probe, metrics=["stable_rank", "participation_ratio"], spectra=None),
                 # the moment metrics at each measurement, every metric and the spectra every 50 steps
                 "probe-spectra50": dict(probe=self.probe, spectra_every=50),
+                # the defaults, computed on the measurement thread (background=True) instead of batched at commits
+                "probe-thread": dict(probe=self.probe, background=True),
                 "batch": ndt_like,
             }[mode]
             tr = dimscope.Tracker(model, every=int(every), layers=LAYERS, run=str(self.tmp / f"{name.replace(':', '_')}_{time.time_ns()}"), **kw)
@@ -163,7 +166,7 @@ def main() -> None:
     batches = [(torch.randn(64, 784, generator=g), torch.randint(0, 10, (64,), generator=g)) for _ in range(args.steps)]
     probe = torch.randn(512, 784, generator=g)
     configs = ["untracked", "dimscope:probe:50", "dimscope:probe:5", "dimscope:probe-moments:50", "dimscope:probe-moments:5",
-               "dimscope:probe-spectra50:5", "dimscope:batch:5"]
+               "dimscope:probe-spectra50:5", "dimscope:probe-thread:50", "dimscope:batch:5"]
     try:
         import ndt  # noqa: F401
 
@@ -189,7 +192,7 @@ def main() -> None:
         fixed = statistics.median(FIXED[c][1:] or FIXED[c]) * 1e3
         print(f"{c:<28}{statistics.median(times[c]):>10.3f}{added[c]:>+10.1%}{f'[{q1:+.1%}, {q3:+.1%}]':>20}{fixed:>20.1f}")
     print()
-    for variant in ("probe", "probe-moments", "probe-spectra50"):
+    for variant in ("probe", "probe-moments", "probe-spectra50", "probe-thread"):
         for every, target in ((50, 0.05), (5, 0.50)):
             c = f"dimscope:{variant}:{every}"
             if c in added:

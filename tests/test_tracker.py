@@ -567,7 +567,9 @@ def test_weight_spectra_every_tenth_measurement_by_default(tmp_path):
 def test_background_auto_batches_when_torch_uses_every_core(monkeypatch):
     model = mlp()
     probe = torch.randn(8, 10)
-    monkeypatch.setattr(os, "cpu_count", lambda: torch.get_num_threads())
+    import dimscope.tracker as tracker_module
+
+    monkeypatch.setattr(tracker_module, "_usable_cores", lambda: torch.get_num_threads())
     tr = dimscope.Tracker(model, probe=probe, every=1, commit_every=3)
     assert tr.batched and not tr.background
     assert tr.step(0) is None and tr.step(1) is None and tr.latest == {}  # buffered
@@ -576,7 +578,7 @@ def test_background_auto_batches_when_torch_uses_every_core(monkeypatch):
     assert tr._pending == [] and tr.latest[("0", "stable_rank")] > 1  # noqa: SLF001
     assert [r["step"] for r in tr.history if r["metric"] == "stable_rank" and r["layer"] == "0" and r["space"] == "activation"] == [0, 1, 2]
     tr.close()
-    monkeypatch.setattr(os, "cpu_count", lambda: torch.get_num_threads() + 2)
+    monkeypatch.setattr(tracker_module, "_usable_cores", lambda: torch.get_num_threads() + 2)
     tr = dimscope.Tracker(model, probe=probe)
     assert tr.background is True and not tr.batched and tr.step(0) is None
     tr.close()
@@ -738,3 +740,30 @@ def test_probe_features_are_seen_before_an_in_place_op():
     with torch.no_grad():
         want = dimscope.stable_rank(dimscope.spectrum(model[0](probe)))
     assert got == pytest.approx(want, rel=1e-9)
+
+
+def test_the_measurement_thread_keeps_to_the_cores_training_leaves_free():
+    """Its torch ops get an OpenMP team of their own: sized like training's, the two teams spin
+    against each other (training measured twice as slow on 2 cores)."""
+    from dimscope.tracker import TrackerExtension, _usable_cores
+
+    seen = []
+
+    class Threads(TrackerExtension):
+        def on_features(self, tracker, step, features):
+            return lambda: seen.append(torch.get_num_threads())  # runs on the measurement thread
+
+    before = torch.get_num_threads()
+    cores = _usable_cores()
+    try:
+        for training_threads in sorted({cores, max(1, cores // 2)}):
+            torch.set_num_threads(training_threads)
+            seen.clear()
+            with dimscope.Tracker(mlp(), probe=torch.randn(16, 10), every=1, layers="0", background=True,
+                                  extensions=[Threads()]) as tr:
+                tr.step(0)
+                tr.step(1)
+            assert seen == [max(1, cores - training_threads)] * 2
+            assert torch.get_num_threads() == training_threads  # training's own team is left as it was
+    finally:
+        torch.set_num_threads(before)

@@ -37,7 +37,6 @@ every buffered or queued measurement; a SIGKILL loses at most the measurements s
 from __future__ import annotations
 
 import atexit
-import contextlib
 import hashlib
 import json
 import os
@@ -231,10 +230,24 @@ def _run_job(job: Callable[[], None], errors: list[BaseException]) -> None:
         warnings.warn(f"dimscope: a measurement failed and was skipped: {e!r}", RuntimeWarning, stacklevel=3)
 
 
-class _Worker:
-    """One background thread with a bounded queue of jobs; errors become warnings."""
+def _usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the OS says, else every core)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
-    def __init__(self, maxsize: int) -> None:
+
+class _Worker:
+    """One background thread with a bounded queue of jobs; errors become warnings.
+
+    torch ops on this thread get an OpenMP team of their own, of the size training's team has unless
+    told otherwise; two such teams on the same cores spin against each other (measured: training
+    twice as slow on 2 cores). The worker's team is therefore sized to the cores training leaves
+    free, at least one (``torch_threads``, read on the training thread)."""
+
+    def __init__(self, maxsize: int, torch_threads: int = 1) -> None:
+        self.torch_threads = max(1, int(torch_threads))
         self.q: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=maxsize)
         self.errors: list[BaseException] = []
         self.thread = threading.Thread(target=self._run, name="dimscope-measure", daemon=True)
@@ -246,6 +259,7 @@ class _Worker:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
         except (AttributeError, OSError, PermissionError):
             pass
+        torch.set_num_threads(self.torch_threads)  # this thread's team only: training's keeps its size
         while True:
             job = self.q.get()
             try:
@@ -467,7 +481,7 @@ class Tracker:
         self._batch_size = commit_every
         self._batch_seconds = commit_seconds
         self._batch_armed_always = False
-        self._worker = _Worker(queue_size) if self.background else None
+        self._worker = _Worker(queue_size, _usable_cores() - torch.get_num_threads()) if self.background else None
         atexit.register(self._atexit)
         try:
             for ext in extensions:
@@ -539,7 +553,7 @@ class Tracker:
                 on_cpu = next(self.model.parameters()).device.type == "cpu"
             except StopIteration:
                 on_cpu = True
-            free_cores = torch.get_num_threads() < (os.cpu_count() or 1)
+            free_cores = torch.get_num_threads() < _usable_cores()
             return "thread" if (not on_cpu) or free_cores else "batched"
         if background == "batched":
             return "batched"
@@ -801,8 +815,9 @@ class Tracker:
         tasks = self._tasks(pending)
         spectra: _Spectra = {}
         if type(self).features_to_spectrum is Tracker.features_to_spectrum:
-            # one BLAS thread while training waits; a background thread leaves the global limit alone
-            with _one_blas_thread() if not self.background else contextlib.nullcontext():
+            # one BLAS thread, also on the measurement thread: numpy's BLAS threads spin after each call,
+            # and beside training's OpenMP team they made training twice as slow (2 cores, background=True)
+            with _one_blas_thread():
                 got = batch_spectra([(t, c, full) for _, t, c, full, _ in tasks], threads=self._eig_threads,
                                     starts=self._top_vectors, slots=[slot for *_, slot in tasks], workspace=self._workspace)
             for (key, *_), r in zip(tasks, got):
