@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 import warnings
 from pathlib import Path
 
@@ -765,5 +766,8 @@ def test_the_measurement_thread_keeps_to_the_cores_training_leaves_free():
                 tr.step(1)
             assert seen == [max(1, cores - training_threads)] * 2
             assert torch.get_num_threads() == training_threads  # training's own team is left as it was
+        # beside an accelerator's training, whose CPU threads mostly wait, as many threads as training has
+        on_gpu = types.SimpleNamespace(_on_cpu=lambda: False)
+        assert dimscope.Tracker._thread_budget(on_gpu) == torch.get_num_threads()
     finally:
         torch.set_num_threads(before)

@@ -168,16 +168,16 @@ _LANCZOS_CHECK = 4  # test for convergence every this many iterations
 _BLAS_CONTROLLER: Any = None
 
 
-def _one_blas_thread() -> Any:
-    """A context in which numpy/scipy's BLAS uses one thread (threads of their own would fight
-    torch's OpenMP workers, which spin on the other cores between training ops)."""
+def _one_blas_thread(threads: int = 1) -> Any:
+    """A context in which numpy/scipy's BLAS uses one thread, or ``threads`` (threads of their own
+    would fight torch's OpenMP workers, which spin on the other cores between training ops)."""
     global _BLAS_CONTROLLER
     try:
         if _BLAS_CONTROLLER is None:
             from threadpoolctl import ThreadpoolController
 
             _BLAS_CONTROLLER = ThreadpoolController()
-        return _BLAS_CONTROLLER.limit(limits=1, user_api="blas")
+        return _BLAS_CONTROLLER.limit(limits=max(1, int(threads)), user_api="blas")
     except Exception:  # pragma: no cover - threadpoolctl missing or unable to inspect the libraries
         import contextlib
 

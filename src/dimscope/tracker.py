@@ -243,8 +243,8 @@ class _Worker:
 
     torch ops on this thread get an OpenMP team of their own, of the size training's team has unless
     told otherwise; two such teams on the same cores spin against each other (measured: training
-    twice as slow on 2 cores). The worker's team is therefore sized to the cores training leaves
-    free, at least one (``torch_threads``, read on the training thread)."""
+    twice as slow on 2 cores). The worker's team is therefore sized by the Tracker
+    (``torch_threads``, see ``Tracker._thread_budget``)."""
 
     def __init__(self, maxsize: int, torch_threads: int = 1) -> None:
         self.torch_threads = max(1, int(torch_threads))
@@ -481,7 +481,11 @@ class Tracker:
         self._batch_size = commit_every
         self._batch_seconds = commit_seconds
         self._batch_armed_always = False
-        self._worker = _Worker(queue_size, _usable_cores() - torch.get_num_threads()) if self.background else None
+        # threads (torch's and BLAS's) of the measurement work: one while training waits for it (the
+        # eigendecompositions of a flush are split over ``_eig_threads``); on the measurement thread,
+        # the cores training leaves free (``_thread_budget``)
+        self._measure_threads = self._thread_budget() if self.background else 1
+        self._worker = _Worker(queue_size, self._measure_threads) if self.background else None
         atexit.register(self._atexit)
         try:
             for ext in extensions:
@@ -540,6 +544,19 @@ class Tracker:
         self.store.set_manifest(entries)
         self.store.commit()
 
+    def _on_cpu(self) -> bool:
+        try:
+            return next(self.model.parameters()).device.type == "cpu"
+        except StopIteration:
+            return True
+
+    def _thread_budget(self) -> int:
+        """Threads for the measurement thread's torch ops and BLAS calls: on CPU the cores training's
+        own threads leave free (at least one), since both teams spin between ops; on an accelerator,
+        where training's CPU threads mostly wait, as many as training has."""
+        n = torch.get_num_threads()
+        return max(1, _usable_cores() - n) if self._on_cpu() else n
+
     def _resolve_background(self, background: bool | str) -> str:
         """``"thread"``, ``"inline"`` or ``"batched"``.
 
@@ -549,12 +566,8 @@ class Tracker:
         are batched instead.
         """
         if background == "auto":
-            try:
-                on_cpu = next(self.model.parameters()).device.type == "cpu"
-            except StopIteration:
-                on_cpu = True
             free_cores = torch.get_num_threads() < _usable_cores()
-            return "thread" if (not on_cpu) or free_cores else "batched"
+            return "thread" if (not self._on_cpu()) or free_cores else "batched"
         if background == "batched":
             return "batched"
         if not isinstance(background, bool):
@@ -815,9 +828,9 @@ class Tracker:
         tasks = self._tasks(pending)
         spectra: _Spectra = {}
         if type(self).features_to_spectrum is Tracker.features_to_spectrum:
-            # one BLAS thread, also on the measurement thread: numpy's BLAS threads spin after each call,
-            # and beside training's OpenMP team they made training twice as slow (2 cores, background=True)
-            with _one_blas_thread():
+            # numpy's BLAS threads spin after each call: beside training's OpenMP team, left at every
+            # core, they made training twice as slow (2 cores, background=True)
+            with _one_blas_thread(self._measure_threads):
                 got = batch_spectra([(t, c, full) for _, t, c, full, _ in tasks], threads=self._eig_threads,
                                     starts=self._top_vectors, slots=[slot for *_, slot in tasks], workspace=self._workspace)
             for (key, *_), r in zip(tasks, got):
