@@ -337,3 +337,36 @@ def test_lanczos_is_not_trapped_by_a_start_that_is_another_eigenvector():
     start = np.zeros(200)
     start[0] = 1.0
     assert top_eigenvalue(G, start)[0] == pytest.approx(2.0, rel=1e-10)
+
+
+def test_overlapping_blas_limits_on_two_threads_restore_the_original_setting():
+    """The BLAS thread count is process-wide: a limit taken on the measurement thread and one taken on
+    the training thread, ending in either order, must leave the original setting behind."""
+    import threading
+
+    from threadpoolctl import threadpool_info
+
+    from dimscope.spectrum import _one_blas_thread
+
+    def blas_threads():
+        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+    before = blas_threads()
+    inside, release, done = threading.Event(), threading.Event(), threading.Event()
+
+    def other():
+        with _one_blas_thread():
+            inside.set()
+            release.wait(10)
+        done.set()
+
+    with _one_blas_thread():  # the training thread's limit, taken first
+        t = threading.Thread(target=other)
+        t.start()
+        inside.wait(10)
+        assert set(blas_threads()) == {1}
+    assert set(blas_threads()) == {1}  # the other thread still measures: its limit holds
+    release.set()
+    done.wait(10)
+    t.join()
+    assert blas_threads() == before

@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import types
 import warnings
@@ -764,8 +765,13 @@ def test_the_measurement_thread_keeps_to_the_cores_training_leaves_free():
                                   extensions=[Threads()]) as tr:
                 tr.step(0)
                 tr.step(1)
+            in_new_thread = []  # a thread started after close() takes training's count again
+            t = threading.Thread(target=lambda: (torch.zeros(1 << 20).add_(1.0), in_new_thread.append(torch.get_num_threads())))
+            t.start()
+            t.join()
             assert seen == [max(1, cores - training_threads)] * 2
             assert torch.get_num_threads() == training_threads  # training's own team is left as it was
+            assert in_new_thread == [training_threads]
         # beside an accelerator's training, whose CPU threads mostly wait, as many threads as training has
         on_gpu = types.SimpleNamespace(_on_cpu=lambda: False)
         assert dimscope.Tracker._thread_budget(on_gpu) == torch.get_num_threads()

@@ -11,6 +11,9 @@ The number of eigenvalues kept is the ceiling m = min(n - 1, d) centered, min(n,
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -166,22 +169,54 @@ _LANCZOS_CHECK = 4  # test for convergence every this many iterations
 
 
 _BLAS_CONTROLLER: Any = None
+_BLAS_LOCK = threading.Lock()
+_BLAS_HELD: list[Any] = [0, None]  # how many _one_blas_thread contexts are open, and the limit they share
 
 
-def _one_blas_thread(threads: int = 1) -> Any:
-    """A context in which numpy/scipy's BLAS uses one thread, or ``threads`` (threads of their own
-    would fight torch's OpenMP workers, which spin on the other cores between training ops)."""
+@contextlib.contextmanager
+def _one_blas_thread() -> Iterator[None]:
+    """A context in which numpy/scipy's BLAS uses one thread (threads of their own would fight
+    torch's OpenMP workers, which spin on the other cores between training ops).
+
+    The BLAS libraries' thread count is process-wide: contexts open at the same time, on any thread,
+    share one limit, taken by the first and lifted (the previous setting restored) by the last, so
+    that overlapping contexts cannot restore each other's limit.
+    """
     global _BLAS_CONTROLLER
+    with _BLAS_LOCK:
+        if _BLAS_HELD[0] == 0:
+            try:
+                if _BLAS_CONTROLLER is None:
+                    from threadpoolctl import ThreadpoolController
+
+                    _BLAS_CONTROLLER = ThreadpoolController()
+                _blas_control_to_this_thread()
+                _BLAS_HELD[1] = _BLAS_CONTROLLER.limit(limits=1, user_api="blas")
+            except Exception:  # pragma: no cover - threadpoolctl missing or unable to inspect the libraries
+                _BLAS_HELD[1] = None
+        _BLAS_HELD[0] += 1
     try:
-        if _BLAS_CONTROLLER is None:
-            from threadpoolctl import ThreadpoolController
+        yield
+    finally:
+        with _BLAS_LOCK:
+            _BLAS_HELD[0] -= 1
+            if _BLAS_HELD[0] == 0 and _BLAS_HELD[1] is not None:
+                _blas_control_to_this_thread()  # the last context may close on another thread than the first
+                _BLAS_HELD[1].restore_original_limits()
+                _blas_control_to_this_thread()
+                _BLAS_HELD[1] = None
 
-            _BLAS_CONTROLLER = ThreadpoolController()
-        return _BLAS_CONTROLLER.limit(limits=max(1, int(threads)), user_api="blas")
-    except Exception:  # pragma: no cover - threadpoolctl missing or unable to inspect the libraries
-        import contextlib
 
-        return contextlib.nullcontext()
+def _blas_control_to_this_thread() -> None:
+    """threadpoolctl >= 3.8 lets only one thread at a time set OpenBLAS's (process-wide, pthreads)
+    thread count and silently ignores the others: hand that control to whichever thread asks next."""
+    try:
+        from threadpoolctl import OpenBLASController
+    except ImportError:  # pragma: no cover - threadpoolctl < 3.8 has no controlling thread
+        return
+    clear = getattr(OpenBLASController, "clear_controlling_thread", None)
+    if clear is not None:
+        clear(force=True)
 
 
 # λ_1 from Lanczos is accepted only with a certificate that no eigenvalue exceeds it by this much.

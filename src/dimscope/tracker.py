@@ -37,6 +37,7 @@ every buffered or queued measurement; a SIGKILL loses at most the measurements s
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hashlib
 import json
 import os
@@ -250,6 +251,10 @@ class _Worker:
         self.torch_threads = max(1, int(torch_threads))
         self.q: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=maxsize)
         self.errors: list[BaseException] = []
+        # torch.set_num_threads on the worker also sets the count that threads started later take their
+        # team size from (putting it back while the worker runs made the worker's ops slower than on one
+        # thread); stop() puts it back
+        self._threads_before = torch.get_num_threads()
         self.thread = threading.Thread(target=self._run, name="dimscope-measure", daemon=True)
         self.thread.start()
 
@@ -259,7 +264,7 @@ class _Worker:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
         except (AttributeError, OSError, PermissionError):
             pass
-        torch.set_num_threads(self.torch_threads)  # this thread's team only: training's keeps its size
+        torch.set_num_threads(self.torch_threads)  # this thread's team; training's keeps its size
         while True:
             job = self.q.get()
             try:
@@ -278,6 +283,7 @@ class _Worker:
     def stop(self) -> None:
         self.q.put(None)
         self.thread.join()
+        torch.set_num_threads(self._threads_before)  # the count threads started from now on take
 
 
 class Tracker:
@@ -485,6 +491,7 @@ class Tracker:
         # eigendecompositions of a flush are split over ``_eig_threads``); on the measurement thread,
         # the cores training leaves free (``_thread_budget``)
         self._measure_threads = self._thread_budget() if self.background else 1
+        self._blas_limited = not self.background or self._on_cpu()
         self._worker = _Worker(queue_size, self._measure_threads) if self.background else None
         atexit.register(self._atexit)
         try:
@@ -828,9 +835,11 @@ class Tracker:
         tasks = self._tasks(pending)
         spectra: _Spectra = {}
         if type(self).features_to_spectrum is Tracker.features_to_spectrum:
-            # numpy's BLAS threads spin after each call: beside training's OpenMP team, left at every
-            # core, they made training twice as slow (2 cores, background=True)
-            with _one_blas_thread(self._measure_threads):
+            # One BLAS thread while training waits, and on the measurement thread beside training on
+            # CPU: numpy's BLAS threads spin after each call, and beside training's OpenMP team they made
+            # training twice as slow (2 cores, background=True). Beside an accelerator, where training's
+            # CPU threads mostly wait, the measurement thread keeps the BLAS threads (wide layers).
+            with _one_blas_thread() if self._blas_limited else contextlib.nullcontext():
                 got = batch_spectra([(t, c, full) for _, t, c, full, _ in tasks], threads=self._eig_threads,
                                     starts=self._top_vectors, slots=[slot for *_, slot in tasks], workspace=self._workspace)
             for (key, *_), r in zip(tasks, got):
