@@ -47,16 +47,18 @@ class MinimalBatchTracker:
     """The least a batch-mode measurement at ndtracker's settings can do on the training thread, written
     out by hand (no dimscope code): forward hooks (a copy of each layer's output) on the forward before
     each measured step only; every 10 measurements, per layer, one float64 cast, centering and batched
-    Gram product by torch, one stacked float64 eigendecomposition split over two threads, the four
-    metrics vectorised, and one SQLite insert and commit. Its added time is a floor for batch mode on
-    this machine: whatever dimscope does beyond it is bookkeeping."""
+    Gram product by torch, one stacked float64 eigendecomposition (torch's LAPACK, where dimscope uses
+    numpy's) split over two threads, the four metrics vectorised, and one SQLite insert and commit.
+    What dimscope adds beyond it is bookkeeping."""
 
     def __init__(self, model: nn.Module, every: int, path: str) -> None:
         import sqlite3
+        from concurrent.futures import ThreadPoolExecutor
 
-        from dimscope.spectrum import _one_blas_thread, _pool
+        from threadpoolctl import threadpool_limits
 
-        self.every, self.blas, self.pool = every, _one_blas_thread, _pool(1)
+        self.every, self.pool = every, ThreadPoolExecutor(1)
+        self.blas = lambda: threadpool_limits(1, user_api="blas")
         self.mods = [dict(model.named_modules())[n] for n in LAYERS]
         self.handles: list = []
         self.out: dict[str, torch.Tensor] = {}
@@ -116,6 +118,7 @@ class MinimalBatchTracker:
         for h in self.handles:
             h.remove()
         self.con.close()
+        self.pool.shutdown()
 
 
 class Job:
