@@ -526,6 +526,16 @@ def test_batch_mode_leaves_the_training_batchs_padding_out(tmp_path):
     df = run.scalars(space="activation").query("metric == 'stable_rank'")
     assert df.n_samples.tolist() == [37, 34, 31]
     assert df.value.to_numpy() == pytest.approx(seen, rel=1e-9)
+    assert run.manifest["token_mask"] == "attention_mask"
+    # token_mask=None (e.g. an encoder-decoder model): every position is measured, no hook reads the mask
+    with dimscope.Tracker(model, every=1, layers=["emb"], run=tmp_path / "n", mode="batch", weight_metrics=False,
+                          background=False, token_mask=None) as tr:
+        assert count_hooks(model) == 1
+        model(input_ids=ids, attention_mask=mask).sum().backward()
+        tr.step(0)
+    assert dimscope.open_run(tmp_path / "n").scalars(space="activation").n_samples.unique().tolist() == [40]
+    with pytest.raises(TypeError, match="The 'token_mask' parameter of Tracker must be a str"):
+        dimscope.Tracker(model, every=1, layers=["emb"], mode="batch", token_mask=True)
 
 
 def test_dataframe_artifacts_keep_their_types(tmp_path):

@@ -172,9 +172,9 @@ class capture:
     ``enabled`` can be switched off to skip recording; ``only_grad`` records only forwards run
     with grad enabled (training forwards). ``compiled`` becomes True once a hook has run inside a
     ``torch.compile``d forward: that graph keeps its hooks as they were when it was traced, so a
-    caller that removes and re-registers hooks must stop doing so. With ``record_mask``, ``mask``
-    holds the (B, T) ``attention_mask`` keyword argument of the model's most recent recorded forward,
-    as booleans (None when it had none).
+    caller that removes and re-registers hooks must stop doing so. With ``mask_key`` (e.g.
+    ``"attention_mask"``), ``mask`` holds that (B, T) keyword argument of the model's most recent
+    recorded forward, as booleans (None when it had none).
     """
 
     def __init__(
@@ -184,14 +184,14 @@ class capture:
         *,
         clone: bool = False,
         only_grad: bool = False,
-        record_mask: bool = False,
+        mask_key: str | None = None,
     ) -> None:
         self.model = _check_module(model, "capture")
         self.layers = resolve_layers(model, layers)
         self.clone = clone
         self.only_grad = only_grad
         self.enabled = True
-        self.record_mask = record_mask
+        self.mask_key = mask_key
         self.mask: torch.Tensor | None = None
         self.outputs: dict[str, torch.Tensor] = {}
         self.compiled = False
@@ -214,13 +214,13 @@ class capture:
     def _mask_hook(self, module: nn.Module, args: Any, kwargs: Mapping[str, Any]) -> None:
         if not self.enabled or (self.only_grad and not torch.is_grad_enabled()):
             return
-        m = kwargs.get("attention_mask")
+        m = kwargs.get(self.mask_key) if self.mask_key is not None else None
         self.mask = m.detach().bool() if isinstance(m, torch.Tensor) and m.ndim == 2 else None
 
     def __enter__(self) -> capture:
         modules = dict(self.model.named_modules())
         try:
-            if self.record_mask:
+            if self.mask_key is not None:
                 self._handles.append(self.model.register_forward_pre_hook(self._mask_hook, with_kwargs=True))
             for name in self.layers:
                 self._handles.append(modules[name].register_forward_hook(self._hook(name)))

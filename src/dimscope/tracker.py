@@ -169,10 +169,10 @@ def _slice_probe(probe: Any, a: int, b: int, device: torch.device | None) -> Any
     return tuple(mv(v) for v in probe)
 
 
-def _token_mask(probe: Any) -> torch.Tensor | None:
-    """The (B, T) ``attention_mask`` of a dict probe (Hugging Face style) as booleans, else None."""
-    if isinstance(probe, Mapping):
-        m = probe.get("attention_mask")
+def _token_mask(probe: Any, key: str | None) -> torch.Tensor | None:
+    """The (B, T) mask ``key`` (``"attention_mask"``, Hugging Face style) of a dict probe as booleans, else None."""
+    if key is not None and isinstance(probe, Mapping):
+        m = probe.get(key)
         if isinstance(m, torch.Tensor) and m.ndim == 2:
             return m.detach().bool()
     return None
@@ -332,6 +332,12 @@ class Tracker:
         ``"channels"`` (default) or ``"flatten"`` for (B, C, H, W) outputs.
     probe_batch_size:
         Run the probe forward in chunks of this many inputs.
+    token_mask:
+        The (B, T) mask that marks real tokens: a key of a dict probe and, in batch mode, a keyword
+        argument of the model's forward (default ``"attention_mask"``). Layer outputs of shape
+        (B, T, D) whose (B, T) matches it keep only the marked tokens. ``None`` measures every
+        position (e.g. an encoder-decoder model whose decoder length can equal the encoder's, where
+        the encoder's mask would also select decoder positions).
     background:
         Where the spectra are computed (see "Where the work happens" in the module docstring):
         ``True`` a background thread; ``False`` inline at each measured step (then :meth:`step`
@@ -374,6 +380,7 @@ class Tracker:
         extensions: Sequence[TrackerExtension] = (),
         config: Mapping[str, Any] | None = None,
         verbose: bool = False,
+        token_mask: str | None = "attention_mask",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"The 'model' parameter of Tracker must be a torch.nn.Module. Got {type(model).__name__} instead.")
@@ -447,7 +454,10 @@ class Tracker:
         if probe_batch_size is not None:
             check_int(probe_batch_size, "probe_batch_size", min_value=1, owner="Tracker")
         self.probe_batch_size = probe_batch_size
-        self._probe_mask = _token_mask(probe) if "probe" in modes else None
+        if token_mask is not None and not isinstance(token_mask, str):
+            raise TypeError(f"The 'token_mask' parameter of Tracker must be a str (a keyword argument of the model) or None. Got {token_mask!r}.")
+        self.token_mask = token_mask
+        self._probe_mask = _token_mask(probe, token_mask) if "probe" in modes else None
         self.layers = resolve_layers(model, layers)
         self.history: list[dict[str, Any]] = []
         self.latest: dict[tuple[str, str], float] = {}
@@ -473,7 +483,7 @@ class Tracker:
         self._batch_capture: capture | None = None
         if "batch" in modes:
             # the training batch's attention_mask (a keyword argument of the model) leaves padding out, as in probe mode
-            self._batch_capture = capture(model, self.layers, clone=True, only_grad=True, record_mask=True)
+            self._batch_capture = capture(model, self.layers, clone=True, only_grad=True, mask_key=token_mask)
             self._batch_capture.__enter__()
         self.background = where == "thread"
         self.batched = where == "batched"
@@ -548,6 +558,7 @@ class Tracker:
             if self._probe_mask is not None:
                 entries["probe_tokens"] = int(self._probe_mask.sum())  # attention_mask: padding is not measured
             entries["probe_shape"] = [list(t.shape) for t in _probe_tensors(self.probe)]
+        entries["token_mask"] = self.token_mask
         self.store.set_manifest(entries)
         self.store.commit()
 
