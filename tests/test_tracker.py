@@ -233,7 +233,8 @@ def test_an_appended_session_in_another_mode_keeps_the_runs_reading_convention(t
     model, probe = mlp(), torch.randn(16, 10)
     with dimscope.Tracker(model, probe=probe, every=1, layers=["0"], run=tmp_path / "a") as tr:
         train(model, tr, steps=3)
-    with dimscope.Tracker(model, every=1, layers=["0"], run=tmp_path / "a", mode="batch", conventions=("uncentered",)) as tr:
+    with dimscope.Tracker(model, every=1, layers=["0"], run=tmp_path / "a", mode="batch", conventions=("uncentered",),
+                          metrics=["stable_rank"]) as tr:
         train(model, tr, steps=3, start=3)
     run = dimscope.open_run(tmp_path / "a")
     assert run.default_convention == "probe/centered"
@@ -241,6 +242,8 @@ def test_an_appended_session_in_another_mode_keeps_the_runs_reading_convention(t
     assert list(run.metric("stable_rank", "0", convention="batch/uncentered").index) == [3, 4, 5]
     assert run.manifest["modes"] == ["probe", "batch"] and run.manifest["conventions"] == ["centered", "uncentered"]
     assert [s["modes"] for s in run.manifest["sessions"]] == [["probe"], ["batch"]]
+    assert run.manifest["sessions"][1]["metrics"] == ["stable_rank"]
+    assert "eps_rank" in run.manifest["metric_definitions"]  # the first session's metrics keep their definitions
 
 
 def test_run_readable_while_training_writes(tmp_path):

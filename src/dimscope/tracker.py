@@ -521,7 +521,7 @@ class Tracker:
         previous = self.store.get_manifest()
         sessions = list(previous.get("sessions", []))
         sessions.append({"started": time.time(), "modes": list(self.modes), "conventions": list(self.conventions),
-                         "layers": self.layers, "every": self.every})
+                         "layers": self.layers, "every": self.every, "metrics": sorted(self.metric_spec)})
         # An appended session keeps the run's reading convention (its first session's), and the run
         # lists every mode and convention it holds.
         default = self.convention_name(self.modes[0], self.conventions[0])
@@ -537,7 +537,8 @@ class Tracker:
             "default_convention": previous.get("default_convention", default),
             "every": self.every,
             "metrics": self.metric_spec,
-            "metric_definitions": {k: DEFINITIONS[k] for k in self.metric_spec},
+            # the definitions of every metric the run holds, an earlier session's included
+            "metric_definitions": {**previous.get("metric_definitions", {}), **{k: DEFINITIONS[k] for k in self.metric_spec}},
             "max_rows": self.max_rows,
             "conv": self.conv,
             "spectra_top_k": self.top_k,
