@@ -243,6 +243,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--block", type=int, default=50, help="steps each configuration runs before the next one's turn")
+    ap.add_argument("--only", default=None, help="comma-separated configurations to run (untracked is always run), "
+                    "e.g. dimscope:probe:50,dimscope:probe-thread:50; the summary lines need the default set")
     args = ap.parse_args()
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randn(64, 784, generator=g), torch.randint(0, 10, (64,), generator=g)) for _ in range(args.steps)]
@@ -255,6 +257,8 @@ def main() -> None:
         configs += ["ndtracker:5", "minimal-batch:5"]
     except ImportError:
         print("ndtracker is not installed (pip install ndtracker==2.0.0): its row is skipped")
+    if args.only:
+        configs = ["untracked", *(c for c in args.only.split(",") if c != "untracked")]
     times: dict[str, list[float]] = {c: [] for c in configs}
     rng = random.Random(0)
     with tempfile.TemporaryDirectory() as d:
@@ -274,6 +278,8 @@ def main() -> None:
         fixed = statistics.median(FIXED[c][1:] or FIXED[c]) * 1e3
         print(f"{c:<28}{statistics.median(times[c]):>10.3f}{added[c]:>+10.1%}{f'[{q1:+.1%}, {q3:+.1%}]':>20}{fixed:>20.1f}")
     print()
+    if args.only:
+        return
     for variant in ("probe", "probe-moments", "probe-spectra50", "probe-thread"):
         for every, target in ((50, 0.05), (5, 0.50)):
             c = f"dimscope:{variant}:{every}"
