@@ -790,3 +790,23 @@ def test_the_measurement_thread_keeps_to_the_cores_training_leaves_free():
         assert dimscope.Tracker._thread_budget(on_gpu) == torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
+
+
+def test_overlapping_measurement_threads_put_torchs_thread_count_back_once_the_last_stops():
+    def in_new_thread():
+        out = []
+        t = threading.Thread(target=lambda: (torch.zeros(1 << 20).add_(1.0), out.append(torch.get_num_threads())))
+        t.start()
+        t.join()
+        return out[0]
+
+    before = torch.get_num_threads()
+    probe = torch.randn(16, 10)
+    a = dimscope.Tracker(mlp(), probe=probe, every=1, layers="0", background=True)
+    b = dimscope.Tracker(mlp(), probe=probe, every=1, layers="0", background=True)
+    a.step(0)
+    b.step(0)
+    a.close()
+    b.step(1)  # still measures, on its own thread team
+    b.close()
+    assert torch.get_num_threads() == before and in_new_thread() == before

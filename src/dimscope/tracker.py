@@ -239,6 +239,10 @@ def _usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+_WORKERS_LOCK = threading.Lock()
+_WORKERS: list[int] = [0, 1]  # measurement threads running, and torch's thread count from before the first
+
+
 class _Worker:
     """One background thread with a bounded queue of jobs; errors become warnings.
 
@@ -252,9 +256,12 @@ class _Worker:
         self.q: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=maxsize)
         self.errors: list[BaseException] = []
         # torch.set_num_threads on the worker also sets the count that threads started later take their
-        # team size from (putting it back while the worker runs made the worker's ops slower than on one
-        # thread); stop() puts it back
-        self._threads_before = torch.get_num_threads()
+        # team size from (putting it back while a worker runs made its ops slower than on one thread):
+        # the last worker to stop puts back the count from before the first one started
+        with _WORKERS_LOCK:
+            if _WORKERS[0] == 0:
+                _WORKERS[1] = torch.get_num_threads()
+            _WORKERS[0] += 1
         self.thread = threading.Thread(target=self._run, name="dimscope-measure", daemon=True)
         self.thread.start()
 
@@ -283,7 +290,10 @@ class _Worker:
     def stop(self) -> None:
         self.q.put(None)
         self.thread.join()
-        torch.set_num_threads(self._threads_before)  # the count threads started from now on take
+        with _WORKERS_LOCK:
+            _WORKERS[0] -= 1
+            if _WORKERS[0] == 0:
+                torch.set_num_threads(_WORKERS[1])  # the count threads started from now on take
 
 
 class Tracker:
