@@ -370,3 +370,55 @@ def test_overlapping_blas_limits_on_two_threads_restore_the_original_setting():
     done.wait(10)
     t.join()
     assert blas_threads() == before
+
+
+def test_the_shared_blas_limit_leaves_torchs_per_thread_counts_and_other_threads_limits_alone():
+    """Only BLAS is limited (torch's OpenMP count is per thread: a limit closed on another thread must
+    not carry the opener's count over), and a limit another thread holds while the shared one is
+    taken is not left in force after both end."""
+    import threading
+
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from dimscope.spectrum import _one_blas_thread
+
+    def blas_threads():
+        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+    before_torch, before_blas = torch.get_num_threads(), blas_threads()
+    try:
+        torch.set_num_threads(2)
+        opened, main_in, closed = threading.Event(), threading.Event(), threading.Event()
+
+        def worker():  # one torch thread, opens the shared limit first; main closes it last
+            torch.set_num_threads(1)
+            with _one_blas_thread():
+                opened.set()
+                main_in.wait(10)
+            closed.set()
+
+        t = threading.Thread(target=worker)
+        t.start()
+        opened.wait(10)
+        with _one_blas_thread():
+            main_in.set()
+            closed.wait(10)
+        t.join()
+        assert torch.get_num_threads() == 2
+
+        inside, release = threading.Event(), threading.Event()
+
+        def measuring():
+            with _one_blas_thread():
+                inside.set()
+                release.wait(10)
+
+        t = threading.Thread(target=measuring)
+        with threadpool_limits(limits=1, user_api="blas"):  # e.g. scikit-learn's, on the training thread
+            t.start()
+            inside.wait(10)
+        release.set()
+        t.join()
+        assert blas_threads() == before_blas
+    finally:
+        torch.set_num_threads(before_torch)

@@ -242,7 +242,8 @@ def test_an_appended_session_in_another_mode_keeps_the_runs_reading_convention(t
     assert list(run.metric("stable_rank", "0", convention="batch/uncentered").index) == [3, 4, 5]
     assert run.manifest["modes"] == ["probe", "batch"] and run.manifest["conventions"] == ["centered", "uncentered"]
     assert [s["modes"] for s in run.manifest["sessions"]] == [["probe"], ["batch"]]
-    assert run.manifest["sessions"][1]["metrics"] == ["stable_rank"]
+    assert run.manifest["sessions"][1]["metrics"] == {"stable_rank": {}}
+    assert run.manifest["sessions"][0]["metrics"]["eps_rank"] == {"eps": 1e-3, "relative": True}  # with its parameters
     assert "eps_rank" in run.manifest["metric_definitions"]  # the first session's metrics keep their definitions
 
 
@@ -539,6 +540,9 @@ def test_batch_mode_leaves_the_training_batchs_padding_out(tmp_path):
     assert dimscope.open_run(tmp_path / "n").scalars(space="activation").n_samples.unique().tolist() == [40]
     with pytest.raises(TypeError, match="The 'token_mask' parameter of Tracker must be a str"):
         dimscope.Tracker(model, every=1, layers=["emb"], mode="batch", token_mask=True)
+    with pytest.warns(UserWarning, match="the probe has no 'atention_mask'"):  # a misspelled key measures every position
+        dimscope.Tracker(model, probe={"input_ids": ids, "attention_mask": mask}, every=1, layers=["emb"],
+                         token_mask="atention_mask").close()
 
 
 def test_dataframe_artifacts_keep_their_types(tmp_path):
@@ -579,7 +583,7 @@ def test_weight_spectra_every_tenth_measurement_by_default(tmp_path):
     assert list(run.metric("stable_rank", "0").index) == [0, 3, 6, 9, 12]  # moment metrics in between
 
 
-def test_background_auto_batches_when_torch_uses_every_core(monkeypatch):
+def test_background_auto_batches_when_torch_uses_every_core(monkeypatch, tmp_path):
     model = mlp()
     probe = torch.randn(8, 10)
     import dimscope.tracker as tracker_module
@@ -602,6 +606,9 @@ def test_background_auto_batches_when_torch_uses_every_core(monkeypatch):
     tr.close()
     with pytest.raises(ValueError, match="The 'background' parameter of Tracker must be True, False, 'batched' or 'auto'. Got 'yes'"):
         dimscope.Tracker(model, probe=probe, background="yes")
+    with pytest.raises(ValueError, match="The 'background' parameter"):
+        dimscope.Tracker(model, probe=probe, background="yes", run=tmp_path / "never")
+    assert not (tmp_path / "never").exists()  # rejected before the store records a session
 
 
 def _all_values(run):
@@ -810,3 +817,23 @@ def test_overlapping_measurement_threads_put_torchs_thread_count_back_once_the_l
     b.step(1)  # still measures, on its own thread team
     b.close()
     assert torch.get_num_threads() == before and in_new_thread() == before
+
+
+def test_closing_on_another_thread_keeps_that_threads_torch_count():
+    before = torch.get_num_threads()
+    box = {}
+    try:
+        torch.set_num_threads(2)
+
+        def build():  # built on a thread with one torch thread, closed on this one
+            torch.set_num_threads(1)
+            box["tr"] = dimscope.Tracker(mlp(), probe=torch.randn(16, 10), every=1, layers="0", background=True)
+
+        t = threading.Thread(target=build)
+        t.start()
+        t.join()
+        box["tr"].step(0)
+        box["tr"].close()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -185,13 +185,17 @@ def _one_blas_thread() -> Iterator[None]:
     global _BLAS_CONTROLLER
     with _BLAS_LOCK:
         if _BLAS_HELD[0] == 0:
+            _BLAS_HELD[1] = None
             try:
                 if _BLAS_CONTROLLER is None:
                     from threadpoolctl import ThreadpoolController
 
                     _BLAS_CONTROLLER = ThreadpoolController()
-                _blas_control_to_this_thread()
-                _BLAS_HELD[1] = _BLAS_CONTROLLER.limit(limits=1, user_api="blas")
+                blas = _BLAS_CONTROLLER.select(user_api="blas")  # BLAS only: torch's OpenMP is per-thread
+                if any((i.get("num_threads") or 1) > 1 for i in blas.info()):  # already at one thread: leave it
+                    _blas_control_to_this_thread()
+                    _BLAS_HELD[1] = blas.limit(limits=1)
+                    _blas_control_to_this_thread()  # give control back: other threads' limits keep working
             except Exception:  # pragma: no cover - threadpoolctl missing or unable to inspect the libraries
                 _BLAS_HELD[1] = None
         _BLAS_HELD[0] += 1
@@ -200,11 +204,14 @@ def _one_blas_thread() -> Iterator[None]:
     finally:
         with _BLAS_LOCK:
             _BLAS_HELD[0] -= 1
-            if _BLAS_HELD[0] == 0 and _BLAS_HELD[1] is not None:
+            held, _BLAS_HELD[1] = (_BLAS_HELD[1], None) if _BLAS_HELD[0] == 0 else (None, _BLAS_HELD[1])
+            # put the setting back only if it is still ours (another thread's limit may have replaced it)
+            if held is not None and all((i.get("num_threads") or 1) == 1 for i in _BLAS_CONTROLLER.select(user_api="blas").info()):
                 _blas_control_to_this_thread()  # the last context may close on another thread than the first
-                _BLAS_HELD[1].restore_original_limits()
-                _blas_control_to_this_thread()
-                _BLAS_HELD[1] = None
+                try:
+                    held.restore_original_limits()
+                finally:
+                    _blas_control_to_this_thread()
 
 
 def _blas_control_to_this_thread() -> None:

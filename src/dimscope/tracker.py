@@ -276,6 +276,11 @@ class _Worker:
             job = self.q.get()
             try:
                 if job is None:
+                    with _WORKERS_LOCK:
+                        _WORKERS[0] -= 1
+                        if _WORKERS[0] == 0:
+                            # set here, not on the thread that closes: its own team keeps its size
+                            torch.set_num_threads(_WORKERS[1])  # the count threads started from now on take
                     return
                 _run_job(job, self.errors)
             finally:
@@ -290,10 +295,6 @@ class _Worker:
     def stop(self) -> None:
         self.q.put(None)
         self.thread.join()
-        with _WORKERS_LOCK:
-            _WORKERS[0] -= 1
-            if _WORKERS[0] == 0:
-                torch.set_num_threads(_WORKERS[1])  # the count threads started from now on take
 
 
 class Tracker:
@@ -343,8 +344,9 @@ class Tracker:
     probe_batch_size:
         Run the probe forward in chunks of this many inputs.
     token_mask:
-        The (B, T) mask that marks real tokens: a key of a dict probe and, in batch mode, a keyword
-        argument of the model's forward (default ``"attention_mask"``). Layer outputs of shape
+        The (B, T) mask that marks real tokens with 1 or True: a key of a dict probe and, in batch
+        mode, a keyword argument of the model's forward (default ``"attention_mask"``; an additive
+        0 / -inf mask is not one). Layer outputs of shape
         (B, T, D) whose (B, T) matches it keep only the marked tokens. ``None`` measures every
         position (e.g. an encoder-decoder model whose decoder length can equal the encoder's, where
         the encoder's mask would also select decoder positions).
@@ -468,6 +470,9 @@ class Tracker:
             raise TypeError(f"The 'token_mask' parameter of Tracker must be a str (a keyword argument of the model) or None. Got {token_mask!r}.")
         self.token_mask = token_mask
         self._probe_mask = _token_mask(probe, token_mask) if "probe" in modes else None
+        if token_mask not in (None, "attention_mask") and isinstance(probe, Mapping) and token_mask not in probe:
+            warnings.warn(f"dimscope: the probe has no {token_mask!r} (token_mask); every position of its (B, T, D) outputs is "
+                          f"measured. Its keys: {', '.join(map(str, probe))}.", UserWarning, stacklevel=2)
         self.layers = resolve_layers(model, layers)
         self.history: list[dict[str, Any]] = []
         self.latest: dict[tuple[str, str], float] = {}
@@ -482,6 +487,7 @@ class Tracker:
         self._failure_warned: set[str] = set()
         self.errors: list[BaseException] = []  # measurements that failed (synchronous mode)
 
+        where = self._resolve_background(background)  # validated before the store records a session
         self.store = RunStore(run, overwrite=overwrite, commit_every=commit_every, commit_seconds=commit_seconds) if run is not None else None
         try:
             self._write_manifest(config)
@@ -489,7 +495,6 @@ class Tracker:
             if self.store is not None:
                 self.store.close()
             raise
-        where = self._resolve_background(background)
         self._batch_capture: capture | None = None
         if "batch" in modes:
             # the training batch's attention_mask (a keyword argument of the model) leaves padding out, as in probe mode
@@ -531,7 +536,7 @@ class Tracker:
         previous = self.store.get_manifest()
         sessions = list(previous.get("sessions", []))
         sessions.append({"started": time.time(), "modes": list(self.modes), "conventions": list(self.conventions),
-                         "layers": self.layers, "every": self.every, "metrics": sorted(self.metric_spec)})
+                         "layers": self.layers, "every": self.every, "metrics": {k: metric_params(self.metric_spec).get(k, {}) for k in self.metric_spec}})
         # An appended session keeps the run's reading convention (its first session's), and the run
         # lists every mode and convention it holds.
         default = self.convention_name(self.modes[0], self.conventions[0])
