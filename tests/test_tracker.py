@@ -466,16 +466,19 @@ def test_a_layer_with_a_scalar_output_is_skipped_with_a_warning_naming_it(tmp_pa
     assert list(run.metric("stable_rank", "fc", convention=f"{mode}/centered").index) == [0, 1, 2]
 
 
+class Tok(nn.Module):
+    """Hugging Face style: token ids and an attention_mask in, (B, T, D) embeddings out."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 6)
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.emb(input_ids)
+
+
 def test_a_dict_probe_with_an_attention_mask_leaves_padding_out(tmp_path):
     """Hugging Face style probe: (B, T, D) outputs keep only the tokens the attention_mask marks."""
-
-    class Tok(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = nn.Embedding(20, 6)
-
-        def forward(self, input_ids, attention_mask):
-            return self.emb(input_ids)
 
     torch.manual_seed(0)
     model = Tok()
@@ -497,15 +500,6 @@ def test_a_dict_probe_with_an_attention_mask_leaves_padding_out(tmp_path):
 
 def test_batch_mode_leaves_the_training_batchs_padding_out(tmp_path):
     """Batch mode reads the attention_mask the model is called with, as probe mode reads the probe's."""
-
-    class Tok(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = nn.Embedding(20, 6)
-            self.head = nn.Linear(6, 2)
-
-        def forward(self, input_ids, attention_mask=None):
-            return self.head(self.emb(input_ids)).mean(dim=1)
 
     torch.manual_seed(0)
     model = Tok()

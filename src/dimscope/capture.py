@@ -156,6 +156,11 @@ def to_features(t: torch.Tensor, *, max_rows: int | None = 4096, conv: str = "ch
     return _subsample_rows(X, max_rows, seed)
 
 
+def as_token_mask(m: Any) -> torch.Tensor | None:
+    """A (B, T) tensor marking real tokens (1 / True) as booleans; None for anything else."""
+    return m.detach().bool() if isinstance(m, torch.Tensor) and m.ndim == 2 else None
+
+
 # torch.compiler.is_compiling is torch >= 2.3; torch._dynamo.is_compiling before
 _is_compiling: Callable[[], bool] = getattr(getattr(torch, "compiler", None), "is_compiling", None) or torch._dynamo.is_compiling
 
@@ -214,8 +219,7 @@ class capture:
     def _mask_hook(self, module: nn.Module, args: Any, kwargs: Mapping[str, Any]) -> None:
         if not self.enabled or (self.only_grad and not torch.is_grad_enabled()):
             return
-        m = kwargs.get(self.mask_key) if self.mask_key is not None else None
-        self.mask = m.detach().bool() if isinstance(m, torch.Tensor) and m.ndim == 2 else None
+        self.mask = as_token_mask(kwargs.get(self.mask_key)) if self.mask_key is not None else None
 
     def __enter__(self) -> capture:
         modules = dict(self.model.named_modules())

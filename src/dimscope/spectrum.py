@@ -197,14 +197,16 @@ def _one_blas_thread() -> Iterator[None]:
                     _BLAS_HELD[1] = blas.limit(limits=1)
                     _blas_control_to_this_thread()  # give control back: other threads' limits keep working
             except Exception:  # pragma: no cover - threadpoolctl missing or unable to inspect the libraries
-                _BLAS_HELD[1] = None
+                pass
         _BLAS_HELD[0] += 1
     try:
         yield
     finally:
         with _BLAS_LOCK:
             _BLAS_HELD[0] -= 1
-            held, _BLAS_HELD[1] = (_BLAS_HELD[1], None) if _BLAS_HELD[0] == 0 else (None, _BLAS_HELD[1])
+            held = _BLAS_HELD[1] if _BLAS_HELD[0] == 0 else None
+            if held is not None:
+                _BLAS_HELD[1] = None
             # put the setting back only if it is still ours (another thread's limit may have replaced it)
             if held is not None and all((i.get("num_threads") or 1) == 1 for i in _BLAS_CONTROLLER.select(user_api="blas").info()):
                 _blas_control_to_this_thread()  # the last context may close on another thread than the first

@@ -55,7 +55,7 @@ from torch import nn
 
 from . import __version__
 from ._validation import check_choice, check_float, check_int
-from .capture import LayerSelection, capture, iter_layer_weights, resolve_layers, to_features
+from .capture import LayerSelection, as_token_mask, capture, iter_layer_weights, resolve_layers, to_features
 from .metrics import DEFINITIONS, MOMENT_METRICS, check_metric_spec, compute_metrics_batch, metric_params, moment_metrics
 from .spectrum import Moments, NonFiniteError, Spectrum, Workspace, _one_blas_thread, batch_spectra, spectrum, weight_spectrum
 from .store import RunStore
@@ -171,11 +171,7 @@ def _slice_probe(probe: Any, a: int, b: int, device: torch.device | None) -> Any
 
 def _token_mask(probe: Any, key: str | None) -> torch.Tensor | None:
     """The (B, T) mask ``key`` (``"attention_mask"``, Hugging Face style) of a dict probe as booleans, else None."""
-    if key is not None and isinstance(probe, Mapping):
-        m = probe.get(key)
-        if isinstance(m, torch.Tensor) and m.ndim == 2:
-            return m.detach().bool()
-    return None
+    return as_token_mask(probe.get(key)) if key is not None and isinstance(probe, Mapping) else None
 
 
 def _drop_padding(outs: dict[str, torch.Tensor], mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -512,12 +508,9 @@ class Tracker:
         self._batch_size = commit_every
         self._batch_seconds = commit_seconds
         self._batch_armed_always = False
-        # threads (torch's and BLAS's) of the measurement work: one while training waits for it (the
-        # eigendecompositions of a flush are split over ``_eig_threads``); on the measurement thread,
-        # the cores training leaves free (``_thread_budget``)
-        self._measure_threads = self._thread_budget() if self.background else 1
+        # numpy's BLAS runs one thread while training waits, and on the measurement thread beside CPU training
         self._blas_limited = not self.background or self._on_cpu()
-        self._worker = _Worker(queue_size, self._measure_threads) if self.background else None
+        self._worker = _Worker(queue_size, self._thread_budget()) if self.background else None
         atexit.register(self._atexit)
         try:
             for ext in extensions:
@@ -535,8 +528,9 @@ class Tracker:
         n_params = sum(p.numel() for p in self.model.parameters())
         previous = self.store.get_manifest()
         sessions = list(previous.get("sessions", []))
+        params = metric_params(self.metric_spec)
         sessions.append({"started": time.time(), "modes": list(self.modes), "conventions": list(self.conventions),
-                         "layers": self.layers, "every": self.every, "metrics": {k: metric_params(self.metric_spec).get(k, {}) for k in self.metric_spec}})
+                         "layers": self.layers, "every": self.every, "metrics": {k: params.get(k, {}) for k in self.metric_spec}})
         # An appended session keeps the run's reading convention (its first session's), and the run
         # lists every mode and convention it holds.
         default = self.convention_name(self.modes[0], self.conventions[0])
@@ -585,9 +579,9 @@ class Tracker:
             return True
 
     def _thread_budget(self) -> int:
-        """Threads for the measurement thread's torch ops and BLAS calls: on CPU the cores training's
-        own threads leave free (at least one), since both teams spin between ops; on an accelerator,
-        where training's CPU threads mostly wait, as many as training has."""
+        """Threads for the measurement thread's torch ops: on CPU the cores training's own threads
+        leave free (at least one), since both teams spin between ops; on an accelerator, where
+        training's CPU threads mostly wait, as many as training has."""
         n = torch.get_num_threads()
         return max(1, _usable_cores() - n) if self._on_cpu() else n
 
