@@ -575,6 +575,10 @@ def test_weight_spectra_every_tenth_measurement_by_default(tmp_path):
     assert list(run.metric("stable_rank", "0", space="weight").index) == [0, 6, 9, 12]
     assert list(run.spectra("0").index) == [0, 6, 9, 12]
     assert list(run.metric("stable_rank", "0").index) == [0, 3, 6, 9, 12]  # moment metrics in between
+    first = run.spectra("0", limit=2)  # the first measurements only
+    assert list(first.index) == [0, 6] and np.array_equal(first.loc[6].values, run.spectra("0").loc[6].values)
+    with pytest.raises(ValueError, match="The 'limit' parameter of Run.spectra must be an int >= 1. Got 0"):
+        run.spectra("0", limit=0)
 
 
 def test_background_auto_batches_when_torch_uses_every_core(monkeypatch, tmp_path):

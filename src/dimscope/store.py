@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ._validation import check_int
 from .spectrum import Spectrum, ceiling
 
 __all__ = ["RunStore", "Run", "open_run", "DB_NAME"]
@@ -364,13 +365,16 @@ class Run:
         """A training scalar (the loss, the gradient norm, a user scalar) indexed by step."""
         return self.metric(name, None, space="training")
 
-    def spectra(self, layer: str, *, space: str = "activation", convention: str | None = None) -> pd.Series:
-        """The stored spectra of a layer: a Series of :class:`Spectrum` indexed by step."""
+    def spectra(self, layer: str, *, space: str = "activation", convention: str | None = None, limit: int | None = None) -> pd.Series:
+        """The stored spectra of a layer: a Series of :class:`Spectrum` indexed by step (the first
+        ``limit`` measurements only, if given: a long run's spectra need not all be read)."""
         conv = self._convention(space, convention)
+        if limit is not None:
+            limit = check_int(limit, "limit", min_value=1, owner="Run.spectra")
         rows = self._con.execute(
             "SELECT step, n_samples, n_features, centered, trace, vals FROM spectra "
-            "WHERE layer = ? AND space = ? AND convention = ? ORDER BY step, rowid",
-            (layer, space, conv),
+            "WHERE layer = ? AND space = ? AND convention = ? ORDER BY step, rowid LIMIT ?",
+            (layer, space, conv, -1 if limit is None else limit),
         ).fetchall()
         data = {}
         for step, n, d, c, tr, blob in rows:

@@ -129,7 +129,7 @@ def _shapes(run: Any, convention: str) -> dict[str, tuple[int, int, bool, int, i
     stored spectra, else from the description stored with every value (runs without spectra)."""
     out: dict[str, tuple[int, int, bool, int, int]] = {}
     for lay in run.layers:
-        specs = run.spectra(lay, convention=convention)
+        specs = run.spectra(lay, convention=convention, limit=1)
         if not specs.empty:
             s0 = specs.iloc[0]
             out[lay] = (int(s0.n_samples), int(s0.n_features), bool(s0.centered), int(s0.ceiling), len(s0.values))
