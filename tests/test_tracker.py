@@ -496,6 +496,11 @@ def test_a_dict_probe_with_an_attention_mask_leaves_padding_out(tmp_path):
     assert real.shape == (34, 6) and run.manifest["probe_tokens"] == 34
     assert run.metric("stable_rank", "emb")[0] == pytest.approx(dimscope.stable_rank(dimscope.spectrum(real)), rel=1e-9)
     assert (run.scalars(space="activation").n_samples == 34).all()
+    # a tuple probe (positional inputs): the mask is the element at attention_mask's position in forward
+    with dimscope.Tracker(model, probe=(ids, mask), every=1, layers=["emb"], run=tmp_path / "t", weight_metrics=False) as tr:
+        tr.step(0, loss=1.0)
+    run = dimscope.open_run(tmp_path / "t")
+    assert run.manifest["probe_tokens"] == 34 and (run.scalars(space="activation").n_samples == 34).all()
 
 
 def test_batch_mode_leaves_the_training_batchs_padding_out(tmp_path):
@@ -513,7 +518,8 @@ def test_batch_mode_leaves_the_training_batchs_padding_out(tmp_path):
             mask = torch.ones(8, 5, dtype=torch.long)
             mask[: step + 1, 2:] = 0  # 3, 6 and 9 padded positions
             ids[mask == 0] = 0
-            loss = model(input_ids=ids, attention_mask=mask).pow(2).mean()
+            # by keyword, by position (model(ids, mask)), by keyword
+            loss = (model(ids, mask) if step == 1 else model(input_ids=ids, attention_mask=mask)).pow(2).mean()
             with torch.no_grad():
                 seen.append(dimscope.stable_rank(dimscope.spectrum(model.emb(ids)[mask.bool()])))
             opt.zero_grad()

@@ -22,6 +22,8 @@ input shape always keeps the same rows.
 
 from __future__ import annotations
 
+import inspect
+
 import dataclasses
 import difflib
 import fnmatch
@@ -156,6 +158,21 @@ def to_features(t: torch.Tensor, *, max_rows: int | None = 4096, conv: str = "ch
     return _subsample_rows(X, max_rows, seed)
 
 
+def positional_index(module: nn.Module, name: str) -> int | None:
+    """The position of parameter ``name`` among the positional arguments of ``module.forward`` (None
+    if it takes none of that name, or its signature cannot be read)."""
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: positions unknown
+        return None
+    for i, p in enumerate(params):
+        if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            return None
+        if p.name == name:
+            return i
+    return None
+
+
 def as_token_mask(m: Any) -> torch.Tensor | None:
     """A (B, T) tensor marking real tokens (1 / True) as booleans; None for anything else."""
     return m.detach().bool() if isinstance(m, torch.Tensor) and m.ndim == 2 else None
@@ -178,8 +195,9 @@ class capture:
     with grad enabled (training forwards). ``compiled`` becomes True once a hook has run inside a
     ``torch.compile``d forward: that graph keeps its hooks as they were when it was traced, so a
     caller that removes and re-registers hooks must stop doing so. With ``mask_key`` (e.g.
-    ``"attention_mask"``), ``mask`` holds that (B, T) keyword argument of the model's most recent
-    recorded forward, as booleans (None when it had none).
+    ``"attention_mask"``), ``mask`` holds that (B, T) argument of the model's most recent recorded
+    forward (by keyword, or by position where ``forward`` names a parameter so), as booleans (None
+    when it had none).
     """
 
     def __init__(
@@ -198,6 +216,7 @@ class capture:
         self.enabled = True
         self.mask_key = mask_key
         self.mask: torch.Tensor | None = None
+        self._mask_pos: tuple[Any, int | None] = (None, None)
         self.outputs: dict[str, torch.Tensor] = {}
         self.compiled = False
         self._handles: list[Any] = []
@@ -219,7 +238,20 @@ class capture:
     def _mask_hook(self, module: nn.Module, args: Any, kwargs: Mapping[str, Any]) -> None:
         if not self.enabled or (self.only_grad and not torch.is_grad_enabled()):
             return
-        self.mask = as_token_mask(kwargs.get(self.mask_key)) if self.mask_key is not None else None
+        if self.mask_key is None:
+            self.mask = None
+            return
+        m = kwargs.get(self.mask_key)
+        if m is None and args:  # passed by position, e.g. model(input_ids, attention_mask)
+            i = self._mask_position(module)
+            m = args[i] if i is not None and i < len(args) else None
+        self.mask = as_token_mask(m)
+
+    def _mask_position(self, module: nn.Module) -> int | None:
+        fwd = getattr(module.forward, "__func__", module.forward)  # an instance may replace forward
+        if self._mask_pos[0] is not fwd:  # looked up once per forward method
+            self._mask_pos = (fwd, positional_index(module, self.mask_key or ""))
+        return self._mask_pos[1]
 
     def __enter__(self) -> capture:
         modules = dict(self.model.named_modules())

@@ -55,7 +55,7 @@ from torch import nn
 
 from . import __version__
 from ._validation import check_choice, check_float, check_int
-from .capture import LayerSelection, as_token_mask, capture, iter_layer_weights, resolve_layers, to_features
+from .capture import LayerSelection, as_token_mask, capture, iter_layer_weights, positional_index, resolve_layers, to_features
 from .metrics import DEFINITIONS, MOMENT_METRICS, check_metric_spec, compute_metrics_batch, metric_params, moment_metrics
 from .spectrum import Moments, NonFiniteError, Spectrum, Workspace, _one_blas_thread, batch_spectra, spectrum, weight_spectrum
 from .store import RunStore
@@ -169,9 +169,18 @@ def _slice_probe(probe: Any, a: int, b: int, device: torch.device | None) -> Any
     return tuple(mv(v) for v in probe)
 
 
-def _token_mask(probe: Any, key: str | None) -> torch.Tensor | None:
-    """The (B, T) mask ``key`` (``"attention_mask"``, Hugging Face style) of a dict probe as booleans, else None."""
-    return as_token_mask(probe.get(key)) if key is not None and isinstance(probe, Mapping) else None
+def _token_mask(probe: Any, key: str | None, model: nn.Module) -> torch.Tensor | None:
+    """The (B, T) mask ``key`` (``"attention_mask"``, Hugging Face style) of the probe as booleans: a
+    dict probe's entry, or the element of a tuple probe at the position ``model.forward`` gives that
+    parameter; else None."""
+    if key is None:
+        return None
+    if isinstance(probe, Mapping):
+        return as_token_mask(probe.get(key))
+    if isinstance(probe, tuple):
+        i = positional_index(model, key)
+        return as_token_mask(probe[i]) if i is not None and i < len(probe) else None
+    return None
 
 
 def _drop_padding(outs: dict[str, torch.Tensor], mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -340,8 +349,9 @@ class Tracker:
     probe_batch_size:
         Run the probe forward in chunks of this many inputs.
     token_mask:
-        The (B, T) mask that marks real tokens with 1 or True: a key of a dict probe and, in batch
-        mode, a keyword argument of the model's forward (default ``"attention_mask"``; an additive
+        The (B, T) mask that marks real tokens with 1 or True: a parameter of the model's forward
+        (default ``"attention_mask"``), read from a dict probe's key or a tuple probe's position and,
+        in batch mode, from the training forward's arguments, by keyword or position (an additive
         0 / -inf mask is not one). Layer outputs of shape
         (B, T, D) whose (B, T) matches it keep only the marked tokens. ``None`` measures every
         position (e.g. an encoder-decoder model whose decoder length can equal the encoder's, where
@@ -465,7 +475,7 @@ class Tracker:
         if token_mask is not None and not isinstance(token_mask, str):
             raise TypeError(f"The 'token_mask' parameter of Tracker must be a str (a keyword argument of the model) or None. Got {token_mask!r}.")
         self.token_mask = token_mask
-        self._probe_mask = _token_mask(probe, token_mask) if "probe" in modes else None
+        self._probe_mask = _token_mask(probe, token_mask, model) if "probe" in modes else None
         if token_mask not in (None, "attention_mask") and isinstance(probe, Mapping) and token_mask not in probe:
             warnings.warn(f"dimscope: the probe has no {token_mask!r} (token_mask); every position of its (B, T, D) outputs is "
                           f"measured. Its keys: {', '.join(map(str, probe))}.", UserWarning, stacklevel=2)
