@@ -14,13 +14,14 @@ from dimscope.metrics import (
     energy_rank,
     eps_rank,
     measure_ndt,
+    moment_metrics,
     ndt_participation_ratio,
     nuclear_ratio,
     participation_ratio,
     rankme,
     stable_rank,
 )
-from dimscope.spectrum import NonFiniteError, Spectrum, spectrum, spectrum_from_gram, weight_spectrum
+from dimscope.spectrum import NonFiniteError, Spectrum, batch_spectra, spectrum, spectrum_from_gram, weight_spectrum
 
 REL = 1e-6
 
@@ -207,3 +208,66 @@ def test_rankme_and_effective_rank_isotropic_equal_dimension():
     assert effective_rank(s) == pytest.approx(16.0, rel=REL)
     assert rankme(s) == pytest.approx(16.0, rel=1e-4)  # the +1e-7 moves it slightly
     assert nuclear_ratio(s) == pytest.approx(16.0)
+
+
+# --- round-off, scale and input edge cases (from an independent numerical review) -------------------
+
+
+def test_a_collapsed_float64_layer_has_rank_zero_on_every_path():
+    """Identical float64 rows: the exact covariance is 0, and centering's round-off must not be read as rank 1."""
+    rng = np.random.default_rng(3)
+    X = np.tile(rng.standard_normal((1, 40)) * 3.7, (64, 1))
+    for values in (dimscope.measure(X), dimscope.measure(X.T.copy().T)):  # n > d and a Fortran-ordered copy
+        assert all(v == 0.0 for v in values.values()), values
+    assert dimscope.spectrum(X[:8, :]).values.max() == 0.0  # n < d: the n x n Gram
+    t = torch.from_numpy(X)
+    full, mom = batch_spectra([(t, True, True), (t, True, False)])
+    assert full.values.max() == 0.0 and (mom.trace, mom.top, mom.sum_sq) == (0.0, 0.0, 0.0)
+    # a real variance far below the mean's size is kept (1e-6 relative standard deviation)
+    Y = X + 1e-6 * rng.standard_normal(X.shape)
+    assert dimscope.measure(Y)["eps_rank"] == pytest.approx(dimscope.measure(Y - X.mean(0))["eps_rank"], abs=1)
+    assert dimscope.stable_rank(dimscope.spectrum(Y)) > 1.0
+
+
+@pytest.mark.parametrize("scale", [1e-150, 1e-80, 1e80, 1e150])
+def test_participation_ratio_is_scale_free_on_both_paths(scale):
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((200, 50))
+    want = dimscope.measure(X)["participation_ratio"]
+    assert dimscope.measure(X * scale)["participation_ratio"] == pytest.approx(want, rel=1e-9)
+    (m,) = batch_spectra([(torch.from_numpy(X * scale), True, False)])
+    pr = moment_metrics(np.array([m.trace]), np.array([m.top]), np.array([m.sum_sq]), ["participation_ratio"],
+                        sum_sq_rel=np.array([m.sum_sq_rel]))["participation_ratio"][0]
+    assert pr == pytest.approx(want, rel=1e-9)
+
+
+def test_inputs_spectrum_reads_or_rejects_clearly():
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((30, 7))
+    # numpy views with negative strides (np.flip, X[::-1]) read like their copies
+    assert dimscope.measure(X[::-1]) == pytest.approx(dimscope.measure(X[::-1].copy()), rel=1e-12)
+    assert dimscope.measure(np.flip(X, 1)) == pytest.approx(dimscope.measure(X), rel=1e-12)
+    # finite values whose squares overflow float64: an error that says so, not "NaN or Inf" or a LAPACK failure
+    Y = X.copy()
+    Y[0, 0] = 1e200
+    with pytest.raises(NonFiniteError, match="too large to square"):
+        dimscope.spectrum(Y)
+    (err,) = batch_spectra([(torch.from_numpy(Y), True, True)])
+    assert isinstance(err, NonFiniteError) and "too large" in str(err)
+    with pytest.raises(TypeError, match="The 'X' parameter of spectrum must be real. Got dtype torch.complex128"):
+        dimscope.spectrum(torch.ones(4, 3, dtype=torch.complex128))
+    # one sample: uncentered it has a spectrum (‖x‖²), centered it has none
+    assert dimscope.spectrum(np.array([[1.0, 2.0, 2.0]]), center=False).values == pytest.approx([9.0])
+    with pytest.raises(ValueError, match="needs at least 2 samples"):
+        dimscope.spectrum(np.array([[1.0, 2.0, 2.0]]))
+
+
+def test_spectrum_from_gram_rejects_what_is_not_a_gram_matrix():
+    with pytest.raises(ValueError, match=r"size n_samples \(3\) or n_features \(2\). Got shape \(5, 5\)"):
+        spectrum_from_gram(np.eye(5), 3, 2)
+    with pytest.raises(ValueError, match="must be symmetric"):
+        spectrum_from_gram(np.array([[1.0, 2.0], [0.0, 1.0]]), 2, 2, centered=False)
+    # a float32-accumulated Gram matrix, symmetric to round-off, is accepted
+    X = torch.randn(50, 6)
+    G = (X.T @ X).double() + 1e-9 * torch.randn(6, 6, dtype=torch.float64)
+    assert len(spectrum_from_gram(G, 50, 6, centered=False).values) == 6

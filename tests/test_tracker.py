@@ -841,3 +841,26 @@ def test_closing_on_another_thread_keeps_that_threads_torch_count():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_recompute_from_top_k_spectra_gives_only_what_they_determine(tmp_path):
+    """spectra=K stores the top K eigenvalues and the trace: a recomputed value they do not determine is
+    NaN with a warning, never a number computed from the top K alone."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 64), nn.Tanh(), nn.Linear(64, 3))
+    with dimscope.Tracker(model, probe=torch.randn(200, 10), every=1, layers="0", run=tmp_path / "k", spectra=5,
+                          weight_metrics=False) as tr:
+        train(model, tr, steps=2)
+    run = dimscope.open_run(tmp_path / "k")
+    recorded = {m: run.metric(m, "0").to_numpy() for m in ("stable_rank", "eps_rank", "participation_ratio")}
+    assert (recorded["eps_rank"] > 5).all()  # the tail mattered at training time
+    assert run.recompute("stable_rank", "0").value.to_numpy() == pytest.approx(recorded["stable_rank"], rel=1e-12)
+    for metric, params in (("participation_ratio", {}), ("effective_rank", {}), ("eps_rank", {}), ("energy_rank", {"q": 0.99})):
+        with pytest.warns(RuntimeWarning, match=f"2 values of '{metric}' are NaN: the spectra were stored truncated"):
+            assert run.recompute(metric, "0", **params).value.isna().all()
+    # determined: fewer than K eigenvalues above 0.5·λ_1, and the top 5 holding 10 % of the trace
+    s0 = run.spectra("0").iloc[0]
+    top5 = s0.values
+    assert run.recompute("eps_rank", "0", eps=0.5).value.iloc[0] == np.count_nonzero(top5 > 0.5 * top5[0]) < 5
+    k = 1 + np.count_nonzero(np.cumsum(top5) < 0.1 * s0.trace)
+    assert k <= 5 and run.recompute("energy_rank", "0", q=0.1).value.iloc[0] == k

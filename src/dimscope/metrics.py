@@ -95,7 +95,9 @@ def _stable_rank_k(V: np.ndarray, tr: np.ndarray) -> np.ndarray:
 
 
 def _participation_ratio_k(V: np.ndarray, tr: np.ndarray) -> np.ndarray:
-    return participation_ratio_from_moments(V.sum(axis=1), np.einsum("ij,ij->i", V, V))
+    top = _top(V)
+    U = V / np.where(top > 0, top, 1.0)[:, None]  # scale-free: (Σλ)² and Σλ² neither overflow nor underflow
+    return participation_ratio_from_moments(U.sum(axis=1), np.einsum("ij,ij->i", U, U))
 
 
 def _exp_entropy(P: np.ndarray) -> np.ndarray:
@@ -142,7 +144,24 @@ def _nuclear_ratio_k(V: np.ndarray, tr: np.ndarray) -> np.ndarray:
 
 def _one(kernel: Callable[..., np.ndarray], s: Spectrum, **params: Any) -> float:
     v = _values(s)
-    return float(kernel(v[None, :], np.array([s.trace]), **params)[0])
+    value = float(kernel(v[None, :], np.array([s.trace]), **params)[0])
+    if s.truncated and not _determined_by_top(kernel, v, s.trace, value, params):
+        return float("nan")
+    return value
+
+
+def _determined_by_top(kernel: Callable[..., np.ndarray], v: np.ndarray, trace: float, value: float, params: dict[str, Any]) -> bool:
+    """Whether a metric's value on the top K eigenvalues (and the full trace) of a spectrum stored
+    truncated is its value on the whole spectrum: always for the stable rank (Σλ / λ_1); for the
+    ε-rank when a stored eigenvalue is already at or below the threshold; for the energy rank when the
+    stored ones reach q·Σλ; never for the others, which need every eigenvalue."""
+    if kernel is _stable_rank_k:
+        return True
+    if kernel is _eps_rank_k:
+        return value < len(v)
+    if kernel is _energy_rank_k:
+        return bool(len(v)) and float(np.cumsum(v)[-1]) >= params.get("q", 0.9) * trace * (1.0 - 1e-12)
+    return False
 
 
 def stable_rank(s: Spectrum) -> float:
@@ -171,7 +190,10 @@ def eps_rank(s: Spectrum, eps: float = 1e-3, relative: bool = True) -> float:
 
 
 def energy_rank(s: Spectrum, q: float = 0.9) -> float:
-    """The smallest k with Σ_{i≤k} λ_i ≥ q·Σλ ("cumulative energy 90" for q = 0.9)."""
+    """The smallest k with Σ_{i≤k} λ_i ≥ q·Σλ ("cumulative energy 90" for q = 0.9).
+
+    The comparison allows a relative 1e-12 for the round-off of the cumulative sum, so at q = 1 a
+    tail holding less than 1e-12 of Σλ is not counted."""
     return _one(_energy_rank_k, s, q=q)
 
 
@@ -312,15 +334,24 @@ def compute_metrics_batch(
 
 
 def moment_metrics(
-    trace: np.ndarray, top: np.ndarray, sum_sq: np.ndarray, metrics: Iterable[str] | Mapping[str, Mapping[str, Any]] | None
+    trace: np.ndarray,
+    top: np.ndarray,
+    sum_sq: np.ndarray,
+    metrics: Iterable[str] | Mapping[str, Mapping[str, Any]] | None,
+    sum_sq_rel: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
-    """The requested metrics among :data:`MOMENT_METRICS` from tr C, λ_1 and tr C² (arrays of K)."""
+    """The requested metrics among :data:`MOMENT_METRICS` from tr C, λ_1 and tr C² (arrays of K);
+    with ``sum_sq_rel`` = Σ(λ/λ_1)² the participation ratio is computed scale-free from it instead."""
     spec = _normalize_metric_spec(metrics)
+    trace, top = np.asarray(trace, float), np.asarray(top, float)
     out = {}
     if "stable_rank" in spec:
-        out["stable_rank"] = stable_rank_from_moments(np.asarray(trace, float), np.asarray(top, float))
+        out["stable_rank"] = stable_rank_from_moments(trace, top)
     if "participation_ratio" in spec:
-        out["participation_ratio"] = participation_ratio_from_moments(np.asarray(trace, float), np.asarray(sum_sq, float))
+        if sum_sq_rel is None:
+            out["participation_ratio"] = participation_ratio_from_moments(trace, np.asarray(sum_sq, float))
+        else:
+            out["participation_ratio"] = participation_ratio_from_moments(_ratio(trace, top), np.asarray(sum_sq_rel, float))
     return out
 
 

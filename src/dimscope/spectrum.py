@@ -72,7 +72,8 @@ class Spectrum:
 
     @property
     def truncated(self) -> bool:
-        """True when only the top K eigenvalues are held (metrics needing the tail are approximate)."""
+        """True when only the top K eigenvalues are held: a metric the top K and the trace do not
+        determine is then NaN (see :func:`dimscope.metrics.compute_metrics`)."""
         return len(self.values) < self.ceiling
 
     @property
@@ -98,26 +99,40 @@ class Spectrum:
 
 def _as_matrix(X: Any) -> torch.Tensor:
     if isinstance(X, np.ndarray):
-        X = torch.from_numpy(X)
+        X = torch.from_numpy(X.copy() if any(st < 0 for st in X.strides) else X)  # torch takes no negative strides
     if not isinstance(X, torch.Tensor):
         raise TypeError(f"The 'X' parameter of spectrum must be a 2-D torch.Tensor or numpy array. Got {type(X).__name__}.")
     if X.ndim != 2:
         raise ValueError(f"The 'X' parameter of spectrum must be 2-D (samples x features). Got shape {tuple(X.shape)}.")
+    if X.is_complex():
+        raise TypeError(f"The 'X' parameter of spectrum must be real. Got dtype {X.dtype}.")
     return X
 
 
-def _clean_stack(E: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+def _centering_floor(mean: torch.Tensor, n: int) -> np.ndarray:
+    """Per matrix of a (K, 1, d) stack of column means of n rows: the size below which an eigenvalue
+    of the centered Gram matrix is round-off of the centering. Subtracting a mean computed in float64
+    leaves errors of about n·eps·|mean| in each entry, and a centered matrix whose true columns are
+    constant (a collapsed layer) keeps only those: its Gram eigenvalues are below (n·eps)²·n·‖mean‖²."""
+    m2 = mean.detach().to(torch.float64).pow(2).sum(dim=(-1, -2)).cpu().numpy().reshape(-1)
+    return (n * np.finfo(np.float64).eps) ** 2 * n * m2
+
+
+def _clean_stack(E: np.ndarray, size: int, floor: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Descending eigenvalues of K size x size symmetric PSD matrices, one row each: round-off
-    negatives clamped to 0, values under the float64 round-off level of their matrix set to 0. Also
-    returns which rows had a negative eigenvalue too large to be round-off (not PSD)."""
+    negatives clamped to 0, values under the float64 round-off level of their matrix, or under
+    ``floor`` (K,) (the round-off of centering, :func:`_centering_floor`), set to 0. Also returns
+    which rows had a negative eigenvalue too large to be round-off (not PSD)."""
     E = np.array(E, dtype=np.float64, ndmin=2)
     if E.shape[1] == 0:
         return E, np.zeros(E.shape[0], dtype=bool)
+    floor = np.zeros(E.shape[0]) if floor is None else np.asarray(floor, dtype=np.float64).reshape(-1)
     scale = np.maximum(E[:, 0], 0.0)
     most_negative = E.min(axis=1)
-    bad = (most_negative < 0) & (-most_negative > _NEG_TOL * np.maximum(scale, 1e-300) * max(size, 1)) & (-most_negative > 1e-12)
+    bad = ((most_negative < 0) & (-most_negative > _NEG_TOL * np.maximum(scale, 1e-300) * max(size, 1))
+           & (-most_negative > np.maximum(floor, 1e-12)))
     np.clip(E, 0.0, None, out=E)
-    E[E < (size * np.finfo(np.float64).eps * scale)[:, None]] = 0.0
+    E[E < np.maximum(size * np.finfo(np.float64).eps * scale, floor)[:, None]] = 0.0
     return E, bad
 
 
@@ -127,18 +142,18 @@ def _not_psd(E: np.ndarray) -> ValueError:
     )
 
 
-def _clean_eigenvalues(ev: np.ndarray, size: int) -> np.ndarray:
+def _clean_eigenvalues(ev: np.ndarray, size: int, floor: float = 0.0) -> np.ndarray:
     """Descending eigenvalues of a size x size symmetric PSD matrix: round-off negatives clamped."""
-    E, bad = _clean_stack(ev[None, :], size)
+    E, bad = _clean_stack(ev[None, :], size, np.array([floor]))
     if bad[0]:
         raise _not_psd(ev)
     return E[0]
 
 
-def _eigvalsh_desc(G: torch.Tensor) -> np.ndarray:
+def _eigvalsh_desc(G: torch.Tensor, floor: float = 0.0) -> np.ndarray:
     """Eigenvalues of a symmetric float64 matrix, descending, negatives from round-off clamped."""
     G = 0.5 * (G + G.T)
-    return _clean_eigenvalues(torch.linalg.eigvalsh(G).flip(0).cpu().numpy(), G.shape[0])
+    return _clean_eigenvalues(torch.linalg.eigvalsh(G).flip(0).cpu().numpy(), G.shape[0], floor)
 
 
 @dataclass(frozen=True)
@@ -153,6 +168,9 @@ class Moments:
     n_samples: int
     n_features: int
     centered: bool = True
+    #: Σ(λ/λ_1)², scaled before squaring (Σλ² itself over- or underflows float64 for activations
+    #: beyond about 1e±77); NaN if not computed
+    sum_sq_rel: float = float("nan")
 
     @property
     def ceiling(self) -> int:
@@ -400,12 +418,13 @@ class Workspace:
 
 def _grams64(
     ts: list[torch.Tensor], center: bool | None, workspace: Workspace | None = None, slot: int = 0
-) -> tuple[np.ndarray, np.ndarray, int, int]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
     """The float64 Gram matrices of same-shape matrices, stacked: of features (``center``
     True/False: the covariance / second moment, normalised) or of weights (``None``: W reshaped to
     (out, -1), not normalised), from the smaller side, computed by torch (the training's own threads),
-    on CPU. Also returns which of them are finite: NaN or Inf anywhere in X lands, squared, on the
-    diagonal of its Gram matrix. With a ``workspace`` (CPU tensors), the float64 copies and the
+    on CPU. Also returns which of them are finite (NaN or Inf anywhere in X lands, squared, on the
+    diagonal of its Gram matrix) and each one's round-off floor of centering (:func:`_centering_floor`,
+    normalised like the matrix; 0 uncentered). With a ``workspace`` (CPU tensors), the float64 copies and the
     Gram stack are written into its buffers (the Gram stack into buffer ``slot``: one per stack
     that must live at the same time); the result is valid until that buffer's next use."""
     n, d = ts[0].shape[0], int(np.prod(ts[0].shape[1:]))
@@ -414,6 +433,7 @@ def _grams64(
     ws = workspace if ts[0].device.type == "cpu" else None
     K = len(ts)
     G = ws.get(f"gram{slot}", K, (m, m)) if ws is not None else torch.empty((K, m, m), dtype=torch.float64, device=ts[0].device)
+    floor = np.zeros(K)
     for a in range(0, K, per):
         chunk = [t.detach().reshape(n, d) for t in ts[a : a + per]]
         if ws is not None:
@@ -424,19 +444,22 @@ def _grams64(
             X = chunk[0][None] if len(chunk) == 1 else torch.stack(chunk)
             X = X.to(torch.float64, copy=len(chunk) == 1 and bool(center))  # a private copy where it is changed
         if center:
-            X.sub_(X.mean(dim=1, keepdim=True))
+            mean = X.mean(dim=1, keepdim=True)
+            X.sub_(mean)
+            floor[a : a + len(chunk)] = _centering_floor(mean, n)
         torch.matmul(X, X.mT, out=G[a : a + len(chunk)]) if n <= d else torch.matmul(X.mT, X, out=G[a : a + len(chunk)])
     Gn = G.cpu().numpy()
     finite = np.isfinite(np.diagonal(Gn, axis1=1, axis2=2)).all(axis=1)
     if center is not None:
         Gn /= float(max(n - (1 if center else 0), 1))
-    return Gn, finite, n, d
+        floor /= float(max(n - (1 if center else 0), 1))
+    return Gn, finite, floor, n, d
 
 
-def _by_ceiling(items: list[tuple[int, np.ndarray, int, int]], tasks: list[Any]) -> dict[int, list[int]]:
+def _by_ceiling(items: list[tuple[int, np.ndarray, int, int, float]], tasks: list[Any]) -> dict[int, list[int]]:
     """Positions in ``items`` grouped by the number of eigenvalues kept, min(n - 1, d) or min(n, d)."""
     out: dict[int, list[int]] = {}
-    for r, (i, _, n, d) in enumerate(items):
+    for r, (i, _, n, d, _) in enumerate(items):
         out.setdefault(ceiling(n, d, bool(tasks[i][1])), []).append(r)
     return out
 
@@ -480,15 +503,15 @@ def batch_spectra(
         if t.ndim < 2:
             raise ValueError(f"batch_spectra needs matrices (samples x features). Got shape {tuple(t.shape)}.")
         groups.setdefault((tuple(t.shape), t.dtype, t.device, center), []).append(i)
-    # (index, its Gram matrix, n, d): by Gram size for whole spectra, in task order for moments
-    full: dict[int, list[tuple[int, np.ndarray, int, int]]] = {}
+    # (index, its Gram matrix, n, d, round-off floor): by Gram size for whole spectra, in task order for moments
+    full: dict[int, list[tuple[int, np.ndarray, int, int, float]]] = {}
     where: dict[int, list[tuple[np.ndarray, int]]] = {}  # (its Gram stack, row) of each item of full
-    moments: list[tuple[int, np.ndarray, int, int]] = []
+    moments: list[tuple[int, np.ndarray, int, int, float]] = []
     for g, ((shape, _, _, center), idx) in enumerate(groups.items()):
         try:
             if shape[0] < 1 or int(np.prod(shape[1:])) < 1:
                 raise ValueError(f"A spectrum needs at least 1 sample and 1 feature. Got a matrix of shape {shape}.")
-            Gn, finite, n, d = _grams64([tasks[i][0] for i in idx], center, workspace, slot=g)
+            Gn, finite, floor, n, d = _grams64([tasks[i][0] for i in idx], center, workspace, slot=g)
         except Exception as e:  # noqa: BLE001 - in each task's place
             for i in idx:
                 out[i] = e
@@ -496,13 +519,13 @@ def batch_spectra(
         for j, i in enumerate(idx):
             if not finite[j]:
                 what = "weight" if center is None else "feature"
-                out[i] = NonFiniteError(f"The {what} matrix holds NaN or Inf values.")
+                out[i] = NonFiniteError(f"The {what} matrix holds NaN or Inf values, or values too large to square in float64 (|x| > 1e154).")
                 continue
             if tasks[i][2]:
-                full.setdefault(Gn.shape[1], []).append((i, Gn[j], n, d))
+                full.setdefault(Gn.shape[1], []).append((i, Gn[j], n, d, float(floor[j])))
                 where.setdefault(Gn.shape[1], []).append((Gn, j))
             else:
-                moments.append((i, Gn[j], n, d))
+                moments.append((i, Gn[j], n, d, float(floor[j])))
     for size, items in full.items():
         try:
             raw = _eigvalsh_stack(_stacked(where[size]), threads)[:, ::-1]  # reads one triangle
@@ -517,13 +540,13 @@ def batch_spectra(
             items = kept
             raw = np.array(rows_ok).reshape(len(kept), size)
         for m, rows in _by_ceiling(items, tasks).items():
-            E, bad = _clean_stack(raw[rows, :m], size)
+            E, bad = _clean_stack(raw[rows, :m], size, np.array([items[r][4] for r in rows]))
             traces = E.sum(axis=1)
             for r, ev, tr, not_psd in zip(rows, E, traces, bad):
-                i, _, n, d = items[r]
+                i, _, n, d, _ = items[r]
                 out[i] = _not_psd(raw[r, :m]) if not_psd else Spectrum(ev, n, d, bool(tasks[i][1]), float(tr))
     starts = {} if starts is None else starts
-    for i, g, n, d in moments:  # in order: each from the latest top vector of its slot
+    for i, g, n, d, fl in moments:  # in order: each from the latest top vector of its slot
         slot = slots[i] if slots is not None else None
         try:
             top, vec = top_eigenvalue(g, starts.get(slot))
@@ -532,7 +555,15 @@ def batch_spectra(
             continue
         if slot is not None and vec is not None:
             starts[slot] = vec
-        out[i] = Moments(float(np.trace(g)), float(np.einsum("ij,ij->", g, g)), top, n, d, bool(tasks[i][1]))
+        if top <= fl:  # every eigenvalue is round-off of the centering: a collapsed layer
+            out[i] = Moments(0.0, 0.0, 0.0, n, d, bool(tasks[i][1]), 0.0)
+            continue
+        sum_sq = float(np.einsum("ij,ij->", g, g))
+        rel = sum_sq / top / top if top > 0 else 0.0
+        if top > 0 and not (np.isfinite(sum_sq) and 1e-280 < sum_sq < 1e280):  # scaled first: no over- or underflow
+            gs = g / top
+            rel = float(np.einsum("ij,ij->", gs, gs))
+        out[i] = Moments(float(np.trace(g)), sum_sq, top, n, d, bool(tasks[i][1]), rel)
     return out
 
 
@@ -546,11 +577,26 @@ def spectrum_from_gram(
     matrices accumulated across batches or all-reduced across ranks.
     """
     G = torch.as_tensor(G).to(torch.float64)
+    if G.ndim != 2 or G.shape[0] != G.shape[1] or G.shape[0] not in (n_samples, n_features):
+        raise ValueError(
+            f"The 'G' parameter of spectrum_from_gram must be a square Gram matrix of size n_samples ({n_samples}) "
+            f"or n_features ({n_features}). Got shape {tuple(G.shape)}."
+        )
     if check_finite and not torch.isfinite(G).all():
-        raise NonFiniteError("The feature matrix holds NaN or Inf values.")
-    denom = 1.0 if normalized else float(max(n_samples - (1 if centered else 0), 1))
-    ev = _eigvalsh_desc(G / denom)
-    return Spectrum(ev[: ceiling(n_samples, n_features, centered)].copy(), n_samples, n_features, centered)
+        raise NonFiniteError("The Gram matrix holds NaN or Inf values.")
+    asym = float((G - G.T).abs().max()) if G.numel() else 0.0
+    if asym > 1e-6 * float(G.abs().max()):
+        raise ValueError(
+            f"The 'G' parameter of spectrum_from_gram must be symmetric (to 1e-6 of its largest entry). "
+            f"Got a largest asymmetry |G - Gᵀ| of {asym:.3e}, largest entry {float(G.abs().max()):.3e}."
+        )
+    return _spectrum_from_gram(G, n_samples, n_features, centered, normalized)
+
+
+def _spectrum_from_gram(G: torch.Tensor, n: int, d: int, centered: bool, normalized: bool, floor: float = 0.0) -> Spectrum:
+    denom = 1.0 if normalized else float(max(n - (1 if centered else 0), 1))
+    ev = _eigvalsh_desc(G / denom, floor / denom)
+    return Spectrum(ev[: ceiling(n, d, centered)].copy(), n, d, centered)
 
 
 def spectrum(X: Any, center: bool = True) -> Spectrum:
@@ -561,17 +607,22 @@ def spectrum(X: Any, center: bool = True) -> Spectrum:
     """
     X = _as_matrix(X)
     n, d = X.shape
-    if n < 2:
-        raise ValueError(f"The 'X' parameter of spectrum needs at least 2 samples (rows). Got {n}.")
+    if n < (2 if center else 1):
+        raise ValueError(f"The 'X' parameter of spectrum needs at least {2 if center else 1} samples (rows){' to center' if center else ''}. Got {n}.")
     if d < 1:
         raise ValueError("The 'X' parameter of spectrum needs at least 1 feature (column). Got 0.")
     X = X.detach().to(torch.float64)
     if not torch.isfinite(X).all():
         raise NonFiniteError("The feature matrix holds NaN or Inf values.")
+    floor = 0.0
     if center:
-        X = X - X.mean(dim=0, keepdim=True)
+        mean = X.mean(dim=0, keepdim=True)
+        X = X - mean
+        floor = float(_centering_floor(mean[None], n)[0])
     G = X @ X.T if n <= d else X.T @ X
-    return spectrum_from_gram(G, n, d, centered=center, check_finite=False)  # X was checked
+    if not torch.isfinite(G).all():
+        raise NonFiniteError("The feature matrix holds values too large to square in float64 (|x| > 1e154).")
+    return _spectrum_from_gram(G, n, d, bool(center), False, floor)
 
 
 def weight_spectrum(W: Any) -> Spectrum:
@@ -587,5 +638,7 @@ def weight_spectrum(W: Any) -> Spectrum:
         raise NonFiniteError("The weight matrix holds NaN or Inf values.")
     n, d = W.shape
     G = W @ W.T if n <= d else W.T @ W
+    if not torch.isfinite(G).all():
+        raise NonFiniteError("The weight matrix holds values too large to square in float64 (|w| > 1e154).")
     ev = _eigvalsh_desc(G)
     return Spectrum(ev[: min(n, d)].copy(), n, d, centered=False)

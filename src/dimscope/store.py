@@ -25,6 +25,7 @@ import os
 import sqlite3
 import threading
 import time
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -384,17 +385,28 @@ class Run:
     def recompute(self, metric: str, layer: str | None = None, *, space: str = "activation", convention: str | None = None, **params: Any) -> pd.DataFrame:
         """Recompute ``metric`` (with new parameters, e.g. ``eps=1e-2``) from the stored spectra.
 
-        Returns a DataFrame with columns step, layer, value. Metrics that need the spectrum's tail
-        are approximate where spectra were stored truncated (``Spectrum.truncated``).
+        Returns a DataFrame with columns step, layer, value. Where spectra were stored truncated to
+        their top K (``spectra=K``), a value the top K and the trace do not determine is NaN, with a
+        warning: the stable rank always has its value, the ε-rank when fewer than K eigenvalues pass
+        the threshold, the energy rank when the top K reach q·Σλ, the other metrics never.
         """
         from .metrics import compute_metrics
 
         layers = [layer] if layer is not None else self.layers
         frames = []
+        undetermined = 0
         for lay in layers:
             specs = self.spectra(lay, space=space, convention=convention)
             vals = [compute_metrics(s, {metric: params})[metric] for s in specs.values]
+            undetermined += sum(1 for s, v in zip(specs.values, vals) if s.truncated and np.isnan(v))
             frames.append(pd.DataFrame({"step": specs.index.astype(int), "layer": lay, "value": vals}))
+        if undetermined:
+            warnings.warn(
+                f"dimscope: {undetermined} values of {metric!r} are NaN: the spectra were stored truncated to their top K "
+                f"eigenvalues, which do not determine them (store spectra='all' to recompute any metric).",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         if not any(len(f) for f in frames):
             conv = self._convention(space, convention)
             stored = self._con.execute("SELECT DISTINCT layer, space, convention FROM spectra").fetchall()

@@ -900,7 +900,8 @@ class Tracker:
                 out[k] = {name: float(v[i]) for name, v in vals.items()}
         if moments:
             ms: list[Moments] = [spectra[k] for k in moments]
-            vals = moment_metrics(np.array([x.trace for x in ms]), np.array([x.top for x in ms]), np.array([x.sum_sq for x in ms]), self._moment_spec)
+            vals = moment_metrics(np.array([x.trace for x in ms]), np.array([x.top for x in ms]), np.array([x.sum_sq for x in ms]),
+                                  self._moment_spec, sum_sq_rel=np.array([x.sum_sq_rel for x in ms]))
             for i, k in enumerate(moments):
                 out[k] = {name: float(v[i]) for name, v in vals.items()}
         return out
