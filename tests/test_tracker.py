@@ -273,8 +273,14 @@ def test_export_csv_and_parquet(tmp_path):
     assert pd.read_parquet(pq).shape == df.shape
     with pytest.raises(ValueError, match="'format' parameter of Run.export"):
         run.export(tmp_path / "x", format="xlsx")
-    with pytest.raises(ValueError, match="The 'out' parameter of Run.export ends in '.parquet' but 'format' is 'csv'"):
+    with pytest.raises(ValueError, match=r"The 'out' parameter of Run.export must be a folder or a file ending in '.csv' \(format='csv'\). Got .*y.parquet"):
         run.export(tmp_path / "y.parquet", format="csv")
+    with pytest.raises(ValueError, match="ending in '.csv'"):
+        run.export(tmp_path / "e" / "notes.txt")
+    # the run named by its database file: the export goes beside it, the database stays a database
+    db = tmp_path / "e" / "dimscope.sqlite"
+    assert dimscope.open_run(db).export(db) == tmp_path / "e" / "scalars.csv"
+    assert len(dimscope.open_run(db).scalars()) == len(df)
     assert {"n_samples", "n_features", "centered", "ceiling", "params"} <= set(df.columns)
     with pytest.raises(KeyError, match="No stored spectra to recompute 'eps_rank' from for layer 'fc9'"):
         run.recompute("eps_rank", "fc9", eps=0.1)

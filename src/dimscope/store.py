@@ -448,11 +448,16 @@ class Run:
 
         check_choice(format, "format", ("csv", "parquet"), owner="Run.export")
         out = Path(out)
+        if out.is_file() and out.resolve() == self.db_path.resolve():
+            out = out.parent  # the run named by its database file: export beside it, never over it
         if out.is_dir() or not out.suffix:
             out.mkdir(parents=True, exist_ok=True)
             out = out / f"scalars.{format}"
-        elif out.suffix.lower() in (".csv", ".parquet") and out.suffix.lower() != f".{format}":
-            raise ValueError(f"The 'out' parameter of Run.export ends in {out.suffix!r} but 'format' is {format!r}. Got {str(out)!r}.")
+        elif out.suffix.lower() != f".{format}":
+            raise ValueError(
+                f"The 'out' parameter of Run.export must be a folder or a file ending in '.{format}' (format={format!r}). "
+                f"Got {str(out)!r}."
+            )
         df = self.scalars()
         if format == "csv":
             df.to_csv(out, index=False)
