@@ -870,3 +870,25 @@ def test_recompute_from_top_k_spectra_gives_only_what_they_determine(tmp_path):
     assert run.recompute("eps_rank", "0", eps=0.5).value.iloc[0] == np.count_nonzero(top5 > 0.5 * top5[0]) < 5
     k = 1 + np.count_nonzero(np.cumsum(top5) < 0.1 * s0.trace)
     assert k <= 5 and run.recompute("energy_rank", "0", q=0.1).value.iloc[0] == k
+
+
+def test_reader_series_are_float_and_bad_names_are_named(tmp_path):
+    """An all-NaN series (NaN is stored as NULL) reads as float64 NaN, not objects; a typo in space or
+    layer gets an error that names it."""
+    model = nn.Sequential(nn.Linear(4, 6))
+    with torch.no_grad():
+        model[0].bias.fill_(float("nan"))  # NaN from the start
+    with pytest.warns(RuntimeWarning), dimscope.Tracker(model, probe=torch.randn(8, 4), every=1, layers="0", run=tmp_path / "n",
+                                                         weight_metrics=False, grad_norm=True) as tr:
+        for step in range(3):
+            tr.step(step, loss=float("nan"))
+    run = dimscope.open_run(tmp_path / "n")
+    for s in (run.metric("stable_rank", "0"), run.training("loss"), run.training("grad_norm")):
+        assert s.dtype == np.float64 and len(s) == 3 and s.isna().all()
+    assert run.scalars().value.dtype == np.float64
+    with pytest.raises(ValueError, match="The 'space' parameter of Run.metric must be one of .*Got 'activations'"):
+        run.metric("stable_rank", "0", space="activations")
+    with pytest.raises(ValueError, match="The 'space' parameter of Run must be one of"):
+        run.spectra("0", space="activations")
+    with pytest.raises(KeyError, match=r"No layer 'fc' in this run. Its layers: \['0'\]"):
+        run.spectra("fc")

@@ -33,12 +33,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ._validation import check_int
+from ._validation import check_choice, check_int
 from .spectrum import Spectrum, ceiling
 
 __all__ = ["RunStore", "Run", "open_run", "DB_NAME"]
 
 DB_NAME = "dimscope.sqlite"
+SPACES = ("activation", "weight", "training")  # what a stored value measures
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS manifest (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -326,10 +327,13 @@ class Run:
             " AND m.convention = s.convention AND m.step = s.step AND m.wall_time = s.wall_time"
             " AND s.metric IN (" + ", ".join(f"'{k}'" for k in METRICS) + ")"
         )
-        return self._df(sql + cond + " ORDER BY s.step, s.rowid", params)
+        df = self._df(sql + cond + " ORDER BY s.step, s.rowid", params)
+        df["value"] = df["value"].astype("float64")  # NaN is stored as NULL: an all-NaN column reads as objects
+        return df
 
     def _convention(self, space: str, convention: str | None) -> str:
         """The convention asked for, else the run's default for activations and "weight" for weights."""
+        check_choice(space, "space", SPACES, owner="Run")
         if convention is not None:
             return convention
         return self.default_convention if space == "activation" else "weight"
@@ -342,6 +346,7 @@ class Run:
 
         Training scalars (``loss``, ``grad_norm``, user scalars) take ``layer=None``.
         """
+        check_choice(space, "space", SPACES, owner="Run.metric")
         if layer is None or space == "training":
             df = self._df(
                 "SELECT step, value FROM scalars WHERE metric = ? AND space = 'training' ORDER BY step, rowid", [name]
@@ -358,7 +363,7 @@ class Run:
             known = self._con.execute("SELECT DISTINCT metric, layer, space, convention FROM scalars").fetchall()
             where = f" convention {conv!r}" if layer is not None and space != "training" else ""
             raise KeyError(f"No values for metric {name!r} layer {layer!r} space {space!r}{where} in this run. Stored: {known[:30]}")
-        s = df.drop_duplicates("step", keep="last").set_index("step")["value"]
+        s = df.drop_duplicates("step", keep="last").set_index("step")["value"].astype("float64")  # all-NaN (NULL) reads as objects
         s.name = label
         return s
 
@@ -377,6 +382,8 @@ class Run:
             "WHERE layer = ? AND space = ? AND convention = ? ORDER BY step, rowid LIMIT ?",
             (layer, space, conv, -1 if limit is None else limit),
         ).fetchall()
+        if not rows and layer not in self.layers:
+            raise KeyError(f"No layer {layer!r} in this run. Its layers: {self.layers}")
         data = {}
         for step, n, d, c, tr, blob in rows:
             data[int(step)] = Spectrum(np.frombuffer(blob, dtype="<f8").copy(), int(n), int(d), bool(c), float(tr))
@@ -444,8 +451,6 @@ class Run:
 
     def export(self, out: str | os.PathLike[str], format: str = "csv") -> Path:
         """Write the scalars table to ``out`` as CSV or Parquet; returns the path written."""
-        from ._validation import check_choice
-
         check_choice(format, "format", ("csv", "parquet"), owner="Run.export")
         out = Path(out)
         if out.is_file() and out.resolve() == self.db_path.resolve():
