@@ -181,6 +181,11 @@ def test_nan_activations_warn_and_store_nan_while_training_goes_on(tmp_path):
         (dict(extensions=[1]), TypeError, "The 'extensions' parameter of Tracker must hold TrackerExtension objects"),
         (dict(mode=("probe", "probe")), ValueError, "The 'mode' parameter of Tracker must not repeat a mode. Got ('probe', 'probe')."),
         (dict(conventions=("centered", "centered")), ValueError, "The 'conventions' parameter of Tracker must not repeat a convention."),
+        # strings that bool() reads as True
+        (dict(metrics={"eps_rank": {"relative": "no"}}), ValueError, "The 'relative' parameter of eps_rank must be True or False. Got 'no'"),
+        (dict(weight_metrics="no"), TypeError, "The 'weight_metrics' parameter of Tracker must be True or False. Got 'no' instead."),
+        (dict(grad_norm="False"), TypeError, "The 'grad_norm' parameter of Tracker must be True or False. Got 'False' instead."),
+        (dict(run=123), TypeError, "The 'run' parameter of Tracker must be a folder path (str or os.PathLike) or None. Got 123 instead."),
     ],
 )
 def test_bad_input_errors(kwargs, exc, msg):

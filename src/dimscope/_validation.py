@@ -5,6 +5,8 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
+import numpy as np
+
 
 def _owner(owner: str | None) -> str:
     return f" of {owner}" if owner else ""
@@ -50,6 +52,14 @@ def check_float(
     if not ok:
         raise ValueError(f"The '{name}' parameter{_owner(owner)} must be {constraint}. Got {value!r} instead.")
     return v
+
+
+def check_bool(value: Any, name: str, *, owner: str | None = None) -> bool:
+    """Return ``value`` if it is a bool (numpy's included), else raise ``TypeError`` naming ``name``
+    (a string such as "no" would otherwise read as True)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"The '{name}' parameter{_owner(owner)} must be True or False. Got {value!r} instead.")
+    return bool(value)
 
 
 def check_choice(value: Any, name: str, choices: tuple[str, ...] | list[str], *, owner: str | None = None) -> str:

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from ._validation import check_float
+from ._validation import check_bool, check_float
 from .spectrum import Spectrum, spectrum
 
 __all__ = [
@@ -122,6 +122,7 @@ def _rankme_k(V: np.ndarray, tr: np.ndarray) -> np.ndarray:
 
 def _eps_rank_k(V: np.ndarray, tr: np.ndarray, eps: float = 1e-3, relative: bool = True) -> np.ndarray:
     eps = check_float(eps, "eps", low=0.0, owner="eps_rank")
+    relative = check_bool(relative, "relative", owner="eps_rank")
     top = _top(V)
     thr = eps * top if relative else np.full(V.shape[0], float(eps))
     out = np.where(top > 0, np.count_nonzero(V > thr[:, None], axis=1), 0).astype(np.float64)

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ._validation import check_choice, check_int
+from ._validation import check_bool, check_choice, check_int
 from .spectrum import Spectrum, ceiling
 
 __all__ = ["RunStore", "Run", "open_run", "DB_NAME"]
@@ -68,6 +68,8 @@ CREATE TABLE IF NOT EXISTS artifacts (name TEXT PRIMARY KEY, kind TEXT NOT NULL,
 
 
 def _db_path(path: str | os.PathLike[str]) -> Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"A run's path must be a str or os.PathLike (its folder, or its {DB_NAME} file). Got {path!r}.")
     p = Path(path)
     if p.suffix in (".sqlite", ".db") or p.is_file():
         return p
@@ -119,6 +121,7 @@ class RunStore:
         commit_every: int = 10,
         commit_seconds: float = 2.0,
     ) -> None:
+        overwrite = check_bool(overwrite, "overwrite", owner="RunStore")  # "no" must not wipe a run
         self.db_path = _db_path(path)
         self.path = self.db_path.parent
         self.path.mkdir(parents=True, exist_ok=True)

@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from ._validation import check_choice, check_float, check_int
+from ._validation import check_bool, check_choice, check_float, check_int
 from .capture import LayerSelection, as_token_mask, capture, iter_layer_weights, positional_index, resolve_layers, to_features
 from .metrics import DEFINITIONS, MOMENT_METRICS, check_metric_spec, compute_metrics_batch, metric_params, moment_metrics
 from .spectrum import Moments, NonFiniteError, Spectrum, Workspace, _one_blas_thread, batch_spectra, spectrum, weight_spectrum
@@ -442,11 +442,13 @@ class Tracker:
         self._top_vectors: dict[tuple[str, str, str], np.ndarray] = {}  # Lanczos warm starts
         self._blocks: dict[str, int] = {}  # the last block of spectra_every / weight_every steps measured
         self._workspace = Workspace()  # float64 buffers reused by every flush (one flush at a time)
-        self.weight_metrics = bool(weight_metrics)
+        self.weight_metrics = check_bool(weight_metrics, "weight_metrics", owner="Tracker")
         self.weight_every = (
             10 * self.every if weight_every is None else check_int(weight_every, "weight_every", min_value=1, owner="Tracker")
         )
-        self.grad_norm = bool(grad_norm)
+        self.grad_norm = check_bool(grad_norm, "grad_norm", owner="Tracker")
+        if run is not None and not isinstance(run, (str, os.PathLike)):
+            raise TypeError(f"The 'run' parameter of Tracker must be a folder path (str or os.PathLike) or None. Got {run!r} instead.")
         self.seed = check_int(seed, "seed", owner="Tracker")
         check_int(commit_every, "commit_every", min_value=1, owner="Tracker")
         check_float(commit_seconds, "commit_seconds", low=0.0, owner="Tracker")
