@@ -897,3 +897,22 @@ def test_reader_series_are_float_and_bad_names_are_named(tmp_path):
         run.spectra("0", space="activations")
     with pytest.raises(KeyError, match=r"No layer 'fc' in this run. Its layers: \['0'\]"):
         run.spectra("fc")
+
+
+@pytest.mark.parametrize("background", [False, "batched"])
+def test_a_failing_extension_is_reported_as_such_and_the_measurement_stands(tmp_path, background):
+    class Flaky(dimscope.TrackerExtension):
+        name = "flaky"
+
+        def on_metrics(self, tracker, step, values):
+            raise RuntimeError("extension bug")
+
+    model = mlp()
+    with pytest.warns(RuntimeWarning, match=r"the extension 'flaky' \(on_metrics\) failed at step 0; the measurement is kept"):
+        with dimscope.Tracker(model, probe=torch.randn(10, 10), layers=["0"], run=tmp_path / "r", every=1,
+                              background=background, extensions=[Flaky()]) as tr:
+            ret = tr.step(0, loss=1.0)
+            tr.step(1, loss=1.0)
+    if background is False:
+        assert ret[("0", "stable_rank")] > 0  # step() still returns what was measured
+    assert list(dimscope.open_run(tmp_path / "r").metric("stable_rank", "0").index) == [0, 1]

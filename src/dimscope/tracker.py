@@ -824,10 +824,15 @@ class Tracker:
                 rows, m.rows = m.rows, []
                 self._write_rows(rows)
             raise
-        for j in m.jobs:
-            j()
-        for ext in self.extensions:
-            ext.on_metrics(self, m.step, values)
+        # an extension that fails is reported as such; the measurement itself stands
+        for ext, call in [(None, j) for j in m.jobs] + [(e, lambda e=e: e.on_metrics(self, m.step, values)) for e in self.extensions]:
+            try:
+                call()
+            except Exception as e:  # noqa: BLE001 - never an exception in training
+                self.errors.append(e)
+                label = ext.name if ext is not None and ext.name != TrackerExtension.name else type(ext).__name__
+                who = f"the extension {label!r} (on_metrics)" if ext is not None else "an extension's job (on_features)"
+                warnings.warn(f"dimscope: {who} failed at step {m.step}; the measurement is kept: {e!r}", RuntimeWarning, stacklevel=2)
         return values
 
     def _flush_pending(self) -> None:
