@@ -148,7 +148,7 @@ def test_nan_activations_warn_and_store_nan_while_training_goes_on(tmp_path):
         with dimscope.Tracker(model, every=1, layers="3", mode="batch", run=tmp_path / "n", background=False, weight_metrics=False) as tr:
             train(model, tr, steps=8, bad_at=5)
     msgs = [str(x.message) for x in w]
-    assert any("NaN or Inf activations in layer '3' at step 5" in m for m in msgs)
+    assert any("NaN or Inf activations (or values too large for float64) in layer '3' at step 5" in m for m in msgs)
     s = dimscope.open_run(tmp_path / "n").metric("stable_rank", "3")
     assert list(s.index) == list(range(8))
     assert s.loc[:4].notna().all() and s.loc[5:].isna().all()
@@ -916,3 +916,16 @@ def test_a_failing_extension_is_reported_as_such_and_the_measurement_stands(tmp_
     if background is False:
         assert ret[("0", "stable_rank")] > 0  # step() still returns what was measured
     assert list(dimscope.open_run(tmp_path / "r").metric("stable_rank", "0").index) == [0, 1]
+
+
+def test_a_one_sample_batch_is_skipped_with_a_warning_not_recorded_as_collapse(tmp_path):
+    model = mlp()
+    with pytest.warns(RuntimeWarning, match=r"layer '0' could not be measured at step 0.*centered spectrum needs at least 2 samples"):
+        with dimscope.Tracker(model, every=1, layers=["0"], run=tmp_path / "b", mode="batch", background=False,
+                              weight_metrics=False, conventions=("centered", "uncentered")) as tr:
+            model(torch.randn(1, 10)).sum().backward()
+            values = tr.step(0)
+    assert ("0", "stable_rank") not in values
+    run = dimscope.open_run(tmp_path / "b")
+    assert run.conventions == ["batch/uncentered"]  # one sample has an uncentered spectrum (its squared norm)
+    assert run.metric("stable_rank", "0", convention="batch/uncentered").iloc[0] == pytest.approx(1.0)

@@ -511,6 +511,8 @@ def batch_spectra(
         try:
             if shape[0] < 1 or int(np.prod(shape[1:])) < 1:
                 raise ValueError(f"A spectrum needs at least 1 sample and 1 feature. Got a matrix of shape {shape}.")
+            if center and shape[0] < 2:  # its covariance has no eigenvalue: not a rank of 0
+                raise ValueError(f"A centered spectrum needs at least 2 samples. Got a matrix of shape {shape}.")
             Gn, finite, floor, n, d = _grams64([tasks[i][0] for i in idx], center, workspace, slot=g)
         except Exception as e:  # noqa: BLE001 - in each task's place
             for i in idx:
