@@ -929,3 +929,26 @@ def test_a_one_sample_batch_is_skipped_with_a_warning_not_recorded_as_collapse(t
     run = dimscope.open_run(tmp_path / "b")
     assert run.conventions == ["batch/uncentered"]  # one sample has an uncentered spectrum (its squared norm)
     assert run.metric("stable_rank", "0", convention="batch/uncentered").iloc[0] == pytest.approx(1.0)
+
+
+def test_a_layer_the_forward_never_calls_is_named_and_a_probe_the_model_refuses_says_so(tmp_path):
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc, self.head, self.head_old = nn.Linear(4, 8), nn.Linear(8, 2), nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.head(self.enc(x))  # head_old is never called
+
+    model = TwoHeads()
+    with pytest.warns(RuntimeWarning, match=r"layer 'head_old' produced no output in the probe forward at step 0") as rec:
+        with dimscope.Tracker(model, probe=torch.randn(10, 4), every=1, layers=["enc", "head_old"], run=tmp_path / "r") as tr:
+            for step in range(3):
+                tr.step(step)
+    assert sum("head_old" in str(w.message) for w in rec) == 1  # once
+    assert list(dimscope.open_run(tmp_path / "r").metric("stable_rank", "enc").index) == [0, 1, 2]
+    with dimscope.Tracker(model, probe=torch.randn(10, 5), every=1, layers=["enc"]) as tr:
+        with pytest.raises(RuntimeError) as err:  # the model's own error, with a note that names the probe
+            tr.step(0)
+    if hasattr(err.value, "add_note"):
+        assert any("raised by the model's forward on the 'probe' of Tracker (tensor shapes [(10, 5)])" in n for n in err.value.__notes__)

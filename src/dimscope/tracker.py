@@ -735,12 +735,30 @@ class Tracker:
                     RuntimeWarning,
                     stacklevel=3,
                 )
+            if outs:
+                self._warn_silent_layers(outs, "the training forward", step)
             feats["batch"] = self._features(_drop_padding(outs, self._batch_capture.mask), step)
             self._batch_capture.clear()
         return feats
 
+    def _warn_silent_layers(self, outs: Mapping[str, Any], where: str, step: int) -> None:
+        """Warn (once per layer) about a tracked layer that gave no output: it is never called in the forward."""
+        for name in self.layers:
+            if name not in outs and name not in self._failure_warned:
+                self._failure_warned.add(name)
+                warnings.warn(f"dimscope: layer {name!r} produced no output in {where} at step {step} (the forward did not "
+                              "call it): it is measured only where it is called (this warning is not repeated).", RuntimeWarning, stacklevel=4)
+
     def _probe_features(self, step: int) -> dict[str, torch.Tensor]:
-        outs = probe_forward(self.model, self.probe, self.layers, batch_size=self.probe_batch_size)
+        try:
+            outs = probe_forward(self.model, self.probe, self.layers, batch_size=self.probe_batch_size)
+        except Exception as e:
+            if hasattr(e, "add_note"):  # Python >= 3.11: the error keeps its type, and says where it came from
+                shapes = [tuple(t.shape) for t in _probe_tensors(self.probe)]
+                e.add_note(f"dimscope: raised by the model's forward on the 'probe' of Tracker (tensor shapes {shapes}) "
+                           f"at step {step}: the probe must be an input the model accepts.")
+            raise
+        self._warn_silent_layers(outs, "the probe forward", step)
         return self._features(_drop_padding(outs, self._probe_mask), step)
 
     def _features(self, outs: Mapping[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
