@@ -92,6 +92,20 @@ def test_noise_floor_bootstrap_scales_like_one_over_sqrt_n(tmp_path):
     assert a.loc[("0", "stable_rank"), "noise_floor"] == pytest.approx(float(np.median(g)))
 
 
+def test_noise_floor_replicates_survive_an_appending_session(tmp_path):
+    run, (model, probe) = _tiny_tracker_run(tmp_path, 64)
+    first = run.artifact(REPLICATES_ARTIFACT)
+    with dimscope.Tracker(model, probe=probe, every=1, layers=["0", "2"], run=str(tmp_path / "r"), extensions=[NoiseFloor(every=2, n_boot=40)],
+                          metrics=["stable_rank", "participation_ratio"], background=False, weight_metrics=False) as tr:
+        for step in range(4, 7):  # step 4 again, then 5 and 6
+            tr.step(step, loss=0.1)
+    reps = dimscope.open_run(tmp_path / "r").artifact(REPLICATES_ARTIFACT)
+    assert sorted(reps["step"].unique()) == [0, 2, 4, 6] and len(reps) == 4 * 2 * 2 * 40  # step 4 once: the latest
+    before = first[first.step < 4].sort_values(["step", "layer", "metric", "replicate"]).reset_index(drop=True)
+    after = reps[reps.step < 4].sort_values(["step", "layer", "metric", "replicate"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(before, after, check_dtype=False)
+
+
 def test_noise_floor_needs_probe_mode_first():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4))
     with pytest.raises(ValueError, match="NoiseFloor needs probe mode"):

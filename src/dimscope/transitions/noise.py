@@ -70,6 +70,11 @@ class NoiseFloor(TrackerExtension):
     def setup(self, tracker: Tracker) -> None:
         if tracker.modes[0] != "probe":
             raise ValueError("NoiseFloor needs probe mode as the Tracker's first mode (mode='probe' or ('probe', 'batch')).")
+        if tracker.store is not None:  # a run opened again appends: the earlier sessions' replicates stay
+            with tracker.store.reader() as run:
+                earlier = run.artifact(REPLICATES_ARTIFACT, default=None)
+            if earlier is not None:
+                self.rows = [(int(a), str(b), str(c), str(d), int(e), float(f)) for a, b, c, d, e, f in earlier.itertuples(index=False)]
 
     def on_features(self, tracker: Tracker, step: int, features: dict[str, Any]) -> Any:
         if not self._due(step) or not features:
@@ -91,7 +96,7 @@ class NoiseFloor(TrackerExtension):
                         s = tracker.features_to_spectrum(Xb, conv == "centered")
                         for metric, v in compute_metrics(s, spec).items():
                             new.append((int(step), layer, metric, tracker.convention_name(mode, conv), b, float(v)))
-            self.rows.extend(new)
+            self.rows = [r for r in self.rows if r[0] != int(step)] + new  # a step measured again: its latest replicates
             if tracker.store is not None:
                 tracker.store.put_artifact(REPLICATES_ARTIFACT, self.frame(), meta={"n_boot": self.n_boot})
 
