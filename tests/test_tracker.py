@@ -287,7 +287,7 @@ def test_export_csv_and_parquet(tmp_path):
     assert dimscope.open_run(db).export(db) == tmp_path / "e" / "scalars.csv"
     assert len(dimscope.open_run(db).scalars()) == len(df)
     assert {"n_samples", "n_features", "centered", "ceiling", "params"} <= set(df.columns)
-    with pytest.raises(KeyError, match="No stored spectra to recompute 'eps_rank' from for layer 'fc9'"):
+    with pytest.raises(KeyError, match=r"No layer 'fc9' in this run. Its layers: \['0'\]"):
         run.recompute("eps_rank", "fc9", eps=0.1)
     with pytest.raises(KeyError, match="No values for metric 'stable_rank' layer '0' space 'activation' convention 'batch/centered'"):
         run.metric("stable_rank", "0", convention="batch/centered")
@@ -952,3 +952,11 @@ def test_a_layer_the_forward_never_calls_is_named_and_a_probe_the_model_refuses_
             tr.step(0)
     if hasattr(err.value, "add_note"):
         assert any("raised by the model's forward on the 'probe' of Tracker (tensor shapes [(10, 5)])" in n for n in err.value.__notes__)
+
+
+def test_recompute_on_a_run_without_spectra_says_why(tmp_path):
+    model = mlp()
+    with dimscope.Tracker(model, probe=torch.randn(16, 10), every=1, layers="0", run=tmp_path / "n", spectra=None) as tr:
+        train(model, tr, steps=2)
+    with pytest.raises(KeyError, match=r"No stored spectra to recompute 'eps_rank' from for layer '0'.*spectra=None stores none"):
+        dimscope.open_run(tmp_path / "n").recompute("eps_rank", "0", eps=0.1)
