@@ -24,9 +24,41 @@ def test_demo_summary_export(tmp_path, capsys):
 
 def test_cli_errors_are_clear(tmp_path, capsys):
     assert main(["summary", str(tmp_path / "missing")]) == 2
-    assert "No dimscope run" in capsys.readouterr().out
+    assert "No dimscope run" in capsys.readouterr().err
     assert main(["demo", "--every", "0", "--steps", "5", "--run", str(tmp_path / "x"), "--no-report"]) == 2
-    assert "'every' parameter of run_demo must be an int >= 1. Got 0" in capsys.readouterr().out
+    assert "'every' parameter of run_demo must be an int >= 1. Got 0" in capsys.readouterr().err
+    # usage errors: a message and exit code 2, no traceback (typer bundles its own click exceptions)
+    for argv, says in ((["summary"], "Missing argument"), (["nosuchcmd"], "No such command 'nosuchcmd'"),
+                       (["demo", "--steps", "abc"], "Invalid value for '--steps'")):
+        assert main(argv) == 2, argv
+        assert says in capsys.readouterr().err
+    assert main([]) == 0 and "Usage:" in capsys.readouterr().out  # no arguments: the help
+
+
+def test_cli_never_writes_over_or_into_what_is_not_a_run(tmp_path, capsys):
+    user = tmp_path / "userdata.csv"
+    user.write_text("important\n")
+    assert main(["demo", "--steps", "2", "--every", "1", "--run", str(user), "--no-report"]) == 2
+    assert user.read_text() == "important\n" and "not a dimscope run: it is not a SQLite database" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "dimscope.sqlite").write_bytes(b"")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "dimscope.sqlite").write_bytes(b"\x01" * 5000)
+    for name, says in (("empty", "it is an empty file"), ("bad", "it is not a SQLite database")):
+        for cmd in ("summary", "export", "report"):
+            assert main([cmd, str(tmp_path / name)]) == 2
+            assert says in capsys.readouterr().err
+        assert sorted(p.name for p in (tmp_path / name).iterdir()) == ["dimscope.sqlite"]  # read, not written
+    assert (tmp_path / "empty" / "dimscope.sqlite").stat().st_size == 0
+    # an output path that cannot be written: a message and exit code 1
+    run = tmp_path / "r"
+    assert main(["demo", "--steps", "4", "--every", "2", "--run", str(run), "--no-report"]) == 0
+    capsys.readouterr()
+    assert main(["export", str(run), "--out", str(tmp_path / "no" / "such" / "x.csv")]) == 1
+    assert "error:" in capsys.readouterr().err
+    # the run given by its database file: the export goes beside the database, which stays a run
+    assert main(["export", str(run / "dimscope.sqlite")]) == 0
+    assert (run / "scalars.csv").exists() and main(["summary", str(run)]) == 0
 
 
 def test_summary_table_values(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="dimscope: what happens inside a network while it trains.")
 console = Console(width=max(110, shutil.get_terminal_size((120, 24)).columns))
+err_console = Console(width=max(110, shutil.get_terminal_size((120, 24)).columns), stderr=True)
 
 
 def _table(df, title: str) -> Table:  # type: ignore[no-untyped-def]
@@ -120,24 +122,42 @@ def _register_commands() -> None:
 _register_commands()
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the CLI with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+def _click_errors() -> tuple[type[BaseException], ...]:
+    """click's usage-error class, and the copy of it that typer >= 0.26 bundles (not a subclass)."""
+    import click
+
+    types: list[type[BaseException]] = [click.ClickException]
     try:
-        app(args=argv if argv is not None else sys.argv[1:], standalone_mode=False)
+        from typer._click.exceptions import ClickException as TyperClickException
+    except ImportError:  # typer that uses click itself
+        pass
+    else:
+        types.append(TyperClickException)
+    return tuple(types)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI with ``argv`` (default ``sys.argv[1:]``); returns the exit code: 0, 2 for a usage
+    or input error (a message on stderr, no traceback), 1 for a file that cannot be written."""
+    args = argv if argv is not None else sys.argv[1:]
+    try:
+        app(args=args, standalone_mode=False)
     except SystemExit as e:  # pragma: no cover
         return int(e.code or 0)
     except typer.Exit as e:
         return int(e.exit_code)
-    except (ValueError, FileNotFoundError, KeyError, TypeError) as e:
-        console.print(f"[red]error:[/red] {e}")
+    except (ValueError, FileNotFoundError, KeyError, TypeError, sqlite3.DatabaseError) as e:
+        err_console.print(f"[red]error:[/red] {e}", soft_wrap=True)
         return 2
-    except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            return e.exit_code
-        raise
+    except OSError as e:  # e.g. an output folder that does not exist or a file in the way
+        err_console.print(f"[red]error:[/red] {e}", soft_wrap=True)
+        return 1
+    except _click_errors() as e:  # usage errors: a missing argument, an unknown option or command
+        if type(e).__name__ == "NoArgsIsHelpError":  # no arguments: the help, and not as an error
+            print(e.format_message())  # type: ignore[attr-defined]
+            return 0
+        e.show()  # type: ignore[attr-defined]
+        return int(getattr(e, "exit_code", 2))
     return 0
 
 

@@ -76,6 +76,30 @@ def _db_path(path: str | os.PathLike[str]) -> Path:
     return p / DB_NAME
 
 
+_SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def _not_a_run(db: Path) -> str | None:
+    """Why the existing file ``db`` is not a dimscope run's database (None when it is one). Read
+    without writing: a file that is not a run is left as it was."""
+    try:
+        with open(db, "rb") as f:
+            head = f.read(len(_SQLITE_HEADER))
+    except OSError as e:
+        return f"it cannot be read ({e})"
+    if head != _SQLITE_HEADER:
+        return "it is an empty file" if not head else "it is not a SQLite database"
+    try:
+        con = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=30.0)
+        try:
+            found = con.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'manifest'").fetchone()
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as e:
+        return f"it is a damaged SQLite database ({e})"
+    return None if found else "it is a SQLite database without dimscope's tables"
+
+
 def _json(obj: Any) -> str:
     return json.dumps(obj, default=_json_default, sort_keys=True)
 
@@ -124,6 +148,12 @@ class RunStore:
         overwrite = check_bool(overwrite, "overwrite", owner="RunStore")  # "no" must not wipe a run
         self.db_path = _db_path(path)
         self.path = self.db_path.parent
+        if self.db_path.exists():
+            why = _not_a_run(self.db_path)
+            # overwrite replaces a run, or a damaged one; never a file that was not a run
+            if why is not None and not (overwrite and why.startswith("it is a damaged")):
+                raise ValueError(f"The run path {str(path)!r} names {self.db_path}, which is not a dimscope run: {why}. "
+                                 "Give a new folder (or the folder of an existing run).")
         self.path.mkdir(parents=True, exist_ok=True)
         if overwrite:
             for suffix in ("", "-wal", "-shm"):
@@ -268,6 +298,9 @@ class Run:
         self.db_path = _db_path(path)
         if not self.db_path.exists():
             raise FileNotFoundError(f"No dimscope run at {str(path)!r} (expected {self.db_path}).")
+        why = _not_a_run(self.db_path)
+        if why is not None:
+            raise ValueError(f"{self.db_path} is not a dimscope run: {why}.")
         self.path = self.db_path.parent
         self._con = _connect(self.db_path)
 

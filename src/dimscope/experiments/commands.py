@@ -8,9 +8,9 @@ import typer
 
 
 def _console():  # type: ignore[no-untyped-def]
-    from rich.console import Console
+    from ..cli import console  # wide enough for the tables also when the output is piped
 
-    return Console()
+    return console
 
 
 def _print_df(df, title: str) -> None:  # type: ignore[no-untyped-def]

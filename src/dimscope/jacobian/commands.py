@@ -28,7 +28,7 @@ def register(app: typer.Typer) -> None:
         from .._validation import check_choice
         from .reproduce import comparison_table, reproduce
 
-        console = Console()
+        console = Console(width=160)  # the tables stay readable when the output is piped
         exps = tuple(e.strip() for e in experiments.split(",") if e.strip())
         for e in exps:
             check_choice(e, "experiments", ("perturbation", "kl", "restricted", "variants", "seeds"), owner="dimscope jacobian")
