@@ -207,7 +207,7 @@ def test_cli_analyze_and_validate_detector(tmp_path, capsys):
     assert "VERDICT: VALID" in out and "white_noise" in out
     assert dimscope.open_run(path).artifact("transitions/validity")["detector"].startswith("ZScore(")
     assert main(["analyze", str(path), "--convention", "batch/centered"]) == 2
-    assert "not recorded in this run" in " ".join(capsys.readouterr().out.split())
+    assert "not recorded in this run" in " ".join(capsys.readouterr().err.split())
     assert main(["validate-detector", "--param", "bogus"]) == 2
 
 

@@ -52,4 +52,4 @@ def test_report_section_is_none_without_jacobian(tmp_path) -> None:
 def test_cli_rejects_unknown_experiment(tmp_path, capsys) -> None:
     rc = main(["jacobian", "--quick", "--experiments", "bogus"])
     assert rc == 2
-    assert "'experiments' parameter of dimscope jacobian must be one of" in capsys.readouterr().out
+    assert "'experiments' parameter of dimscope jacobian must be one of" in capsys.readouterr().err

@@ -116,5 +116,5 @@ def test_cli_bad_target_is_named(tmp_path, capsys):
     from dimscope.cli import main
 
     assert main(["precursor", "--quick", "--target", "bogus", "--run", str(tmp_path / "x")]) == 2
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert "'target' parameter of run_precursor must be one of 'sum', 'parity'" in out.replace("\n", " ")

@@ -400,7 +400,7 @@ def test_cli_report_and_demo_write_the_report(report: tuple[Path, Path, str], tm
     assert f"report: {tmp_path / 'cli' / 'report.html'}" in capsys.readouterr().out.replace("\n", "")
     assert "<section id='conventions'>" in (tmp_path / "cli" / "report.html").read_text()
     assert main(["report", str(tmp_path / "no_such_run")]) == 2
-    assert "No dimscope run at" in capsys.readouterr().out
+    assert "No dimscope run at" in capsys.readouterr().err
     demo = tmp_path / "demo"
     assert main(["demo", "--steps", "30", "--every", "10", "--run", str(demo)]) == 0
     out = capsys.readouterr().out.replace("\n", "")
