@@ -231,9 +231,17 @@ class RunStore:
                 (None if step is None else int(step), wall_time if wall_time is not None else time.time(), kind, layer, metric, _json(payload or {})),
             )
 
-    def clear_events(self, kind: str) -> None:
+    def clear_events(self, kind: str, *, conventions: Iterable[str] | None = None, metrics: Iterable[str] | None = None) -> None:
+        """Delete the events of ``kind``; only those of these conventions (the ``convention`` of their
+        payload) and metrics, if given."""
+        sql, params = "DELETE FROM events WHERE kind = ?", [kind]
+        for column, values in (("json_extract(payload, '$.convention')", conventions), ("metric", metrics)):
+            if values is not None:
+                values = list(values)
+                sql += f" AND {column} IN ({', '.join('?' * len(values))})"
+                params += values
         with self._lock:
-            self._con.execute("DELETE FROM events WHERE kind = ?", (kind,))
+            self._con.execute(sql, params)
 
     def put_artifact(self, name: str, obj: Any, meta: Mapping[str, Any] | None = None) -> None:
         """Store a numpy array, a pandas DataFrame or a JSON-able object under ``name`` (replacing)."""
@@ -326,6 +334,11 @@ class Run:
         else:
             rows = self._con.execute("SELECT layer FROM scalars WHERE space != 'training' GROUP BY layer ORDER BY MIN(rowid)").fetchall()
         return m + [r[0] for r in rows if r[0] not in m and r[0] != ""]
+
+    @property
+    def metrics(self) -> list[str]:
+        """The names of the activation metrics this run records."""
+        return [m for (m,) in self._con.execute("SELECT DISTINCT metric FROM scalars WHERE space = 'activation' ORDER BY metric")]
 
     @property
     def conventions(self) -> list[str]:

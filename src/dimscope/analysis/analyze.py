@@ -150,7 +150,16 @@ def analyze_run(
         for c in convs:
             if c not in recorded:
                 raise ValueError(f"The 'conventions' parameter of analyze_run names {c!r}, not recorded in this run. Recorded: {', '.join(recorded)}.")
+        if primary not in convs:  # the primary is one of those analysed
+            primary = convs[0]
+    stored = set(r.metrics)
+    if metrics is HEADLINE_METRICS:  # the default: those of them the run records
+        metrics = [m for m in HEADLINE_METRICS if m in stored]
     metrics = list(metrics)
+    unknown = [m for m in metrics if m not in stored]
+    if unknown:
+        raise ValueError(f"The 'metrics' parameter of analyze_run names {unknown[0]!r}, which this run does not record. "
+                         f"Recorded: {', '.join(sorted(stored))}.")
     validity = validate(det, standard_battery(replicates=validity_replicates))
     noise = noise_floor(r, metrics=metrics, conventions=convs)
     nf = {(row.layer, row.metric, row.convention): float(row.noise_floor) for row in noise.itertuples()}
@@ -194,8 +203,9 @@ def analyze_run(
     if store:
         w = RunStore(r.db_path)
         try:
-            w.clear_events("phase")
-            w.clear_events("transition")
+            # the events of what was analysed are replaced; other conventions' and metrics' stay
+            w.clear_events("phase", conventions=convs, metrics=metrics)
+            w.clear_events("transition", conventions=convs, metrics=metrics)
             for row in ph_rows:
                 w.add_event(row["start"], "phase", layer=row["layer"], metric=row["metric"], payload={kk: row[kk] for kk in ("label", "start", "end", "share_of_change", "delta", "convention")})
             for row in tr_rows:

@@ -87,7 +87,7 @@ def register(app: typer.Typer) -> None:
             conventions=list(convention) if convention else None, store=store, validity_replicates=validity_replicates,
         )
         v = a.validity
-        console.print(f"[bold]dimscope analyze[/bold] {run} — primary convention {a.primary}; recorded: {', '.join(a.conventions)}")
+        console.print(f"[bold]dimscope analyze[/bold] {run} — primary convention {a.primary}; analysed: {', '.join(a.conventions)}")
         console.print(f"detector {v.detector}: {v.verdict} (mean recall {v.mean_recall:.2f}, worst null {v.worst_null_fp_per_1000:.2f} FP/1000 steps; `dimscope validate-detector` for the table)")
         nf = a.noise[a.noise.convention == a.primary][["layer", "metric", "noise_floor", "source"]]
         console.print(_table(nf, f"noise floor ({a.primary})"))
