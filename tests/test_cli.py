@@ -54,7 +54,9 @@ def test_cli_never_writes_over_or_into_what_is_not_a_run(tmp_path, capsys):
     run = tmp_path / "r"
     assert main(["demo", "--steps", "4", "--every", "2", "--run", str(run), "--no-report"]) == 0
     capsys.readouterr()
-    assert main(["export", str(run), "--out", str(tmp_path / "no" / "such" / "x.csv")]) == 1
+    assert main(["export", str(run), "--out", str(tmp_path / "new" / "dir" / "x.csv")]) == 0  # folders made
+    assert (tmp_path / "new" / "dir" / "x.csv").exists()
+    assert main(["export", str(run), "--out", str(user / "x.csv")]) == 1  # a file where a folder must be
     assert "error:" in capsys.readouterr().err
     # the run given by its database file: the export goes beside the database, which stays a run
     assert main(["export", str(run / "dimscope.sqlite")]) == 0

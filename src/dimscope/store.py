@@ -512,6 +512,8 @@ class Run:
                 f"The 'out' parameter of Run.export must be a folder or a file ending in '.{format}' (format={format!r}). "
                 f"Got {str(out)!r}."
             )
+        else:
+            out.parent.mkdir(parents=True, exist_ok=True)
         df = self.scalars()
         if format == "csv":
             df.to_csv(out, index=False)
