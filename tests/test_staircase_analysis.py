@@ -155,3 +155,18 @@ def test_pretrain_both_runs_structured_then_decorrelate_and_needs_a_linear():
     assert res.method == "both" and len(res.losses) == 20 and res.after.count >= 40
     with pytest.raises(ValueError, match="needs a model with an nn.Linear first layer"):
         pretrain_first_layer(torch.nn.Sequential(torch.nn.Tanh()), (-1, 1))
+
+
+def test_cli_checks_the_options_before_it_overwrites_a_run(tmp_path, capsys):
+    from dimscope.cli import main
+    from dimscope.store import RunStore
+
+    run = tmp_path / "stair"
+    with RunStore(run) as w:  # an earlier run's results
+        w.put_artifact("staircase/summary", {"kept": True})
+    for extra, says in ((["--method", "foo"], "The 'method' parameter of run_staircase (pretrain) must be one of"),
+                        (["--sharpness", "0"], "The 'sharpness' parameter of run_staircase (pretrain) must be a float > 0.0"),
+                        (["--targets", ""], "The 'targets' parameter of run_staircase must name at least one target")):
+        assert main(["staircase", "--quick", "--seeds", "1", "--steps", "20", "--run", str(run), *extra]) == 2
+        assert says in capsys.readouterr().err
+        assert open_run(run).artifact("staircase/summary") == {"kept": True}  # not overwritten

@@ -137,6 +137,14 @@ def _normalized_gram(phi: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return P.T @ (w[:, None] * P)
 
 
+def check_pretrain_options(method: Any, sharpness: Any, steps: Any, lr: Any, *, owner: str) -> tuple[str, float, int, float]:
+    """The options of :func:`pretrain_first_layer` checked (callers that pass them on check them up
+    front, before anything is trained or overwritten)."""
+    check_choice(method, "method", ("structured", "decorrelate", "both"), owner=owner)
+    return (method, check_float(sharpness, "sharpness", low=0.0, low_inclusive=False, owner=owner),
+            check_int(steps, "steps", min_value=0, owner=owner), check_float(lr, "lr", low=0.0, low_inclusive=False, owner=owner))
+
+
 def pretrain_first_layer(
     model: nn.Module,
     domain: Any,
@@ -174,11 +182,8 @@ def pretrain_first_layer(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"The 'model' parameter of pretrain_first_layer must be a torch.nn.Module. Got {type(model).__name__} instead.")
-    check_choice(method, "method", ("structured", "decorrelate", "both"), owner="pretrain_first_layer")
     box = _check_box(domain, "pretrain_first_layer")
-    sharpness = check_float(sharpness, "sharpness", low=0.0, low_inclusive=False, owner="pretrain_first_layer")
-    steps = check_int(steps, "steps", min_value=0, owner="pretrain_first_layer")
-    lr = check_float(lr, "lr", low=0.0, low_inclusive=False, owner="pretrain_first_layer")
+    method, sharpness, steps, lr = check_pretrain_options(method, sharpness, steps, lr, owner="pretrain_first_layer")
     lin_name, hid_name = first_layers(model, linear, hidden)
     lin: nn.Linear = model.get_submodule(lin_name)  # type: ignore[assignment]
     if lin.in_features != len(box):

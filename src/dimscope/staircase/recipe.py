@@ -23,6 +23,7 @@ table, the ordering and the summary are stored as artifacts under ``staircase/``
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -39,7 +40,7 @@ from ..store import RunStore
 from ..tracker import Tracker
 from .analysis import analyze_staircase
 from .epsrank import FunctionSpaceEpsRank, Quadrature, convention_name, trapezoid
-from .pretrain import pretrain_first_layer
+from .pretrain import check_pretrain_options, pretrain_first_layer
 
 __all__ = ["TARGETS", "make_target", "tanh_mlp", "train_one", "run_staircase", "summarize", "HIDDEN_LAYERS"]
 
@@ -177,6 +178,15 @@ def run_staircase(
     results are the same as with ``workers=1``).
     """
     pre_kw = {"method": "structured", "sharpness": 1.0, **(pretrain or {})}
+    known = set(inspect.signature(pretrain_first_layer).parameters) - {"model", "domain"}
+    unknown = sorted(set(pre_kw) - known)
+    if unknown:
+        raise ValueError(f"The 'pretrain' parameter of run_staircase names an unknown option {unknown[0]!r}. Its options: {', '.join(sorted(known))}.")
+    check_pretrain_options(pre_kw["method"], pre_kw["sharpness"], pre_kw.get("steps", 200), pre_kw.get("lr", 1e-2),
+                           owner="run_staircase (pretrain)")  # before the run is overwritten and trained
+    targets = list(targets)
+    if not targets:
+        raise ValueError("The 'targets' parameter of run_staircase must name at least one target ('1d', '2d'). Got [].")
     workers = check_int(workers, "workers", min_value=1, owner="run_staircase")
     if isinstance(seeds, int):
         seeds = list(range(check_int(seeds, "seeds", min_value=1, owner="run_staircase")))
