@@ -74,3 +74,21 @@ def test_summary_table_values(tmp_path):
     assert row.initial == pytest.approx(s.iloc[0]) and row.final == pytest.approx(s.iloc[-1])
     assert row.minimum == pytest.approx(s.min()) and row.step_of_min == s.idxmin()
     assert -1 <= row.rho_loss <= 1
+
+
+def test_a_run_started_afresh_leaves_no_stale_report_or_export(tmp_path, capsys):
+    run = tmp_path / "d"
+    assert main(["demo", "--steps", "20", "--every", "5", "--run", str(run)]) == 0
+    assert main(["export", str(run)]) == 0
+    assert (run / "report" / "report.html").exists() and (run / "scalars.csv").exists()
+    assert main(["demo", "--steps", "10", "--every", "5", "--run", str(run), "--no-report"]) == 0
+    assert not (run / "report").exists() and not (run / "scalars.csv").exists()
+    assert main(["summary", str(run)]) == 0
+    capsys.readouterr()
+    # a run without activation measurements: summary says so
+    with dimscope.RunStore(tmp_path / "a") as w:
+        w.put_artifact("x", {"a": 1})
+    assert main(["summary", str(tmp_path / "a")]) == 0
+    assert "no activation measurements in this run" in capsys.readouterr().out
+    assert main(["demo", "--mode", ",", "--steps", "2", "--run", str(tmp_path / "m")]) == 2
+    assert "The '--mode' option of dimscope demo must name at least one value. Got ','" in capsys.readouterr().err

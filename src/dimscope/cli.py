@@ -46,6 +46,11 @@ def demo(
     from .recipes.demo import run_demo, summary_table
     from .store import open_run
 
+    modes = tuple(m.strip() for m in mode.split(",") if m.strip())
+    convs = tuple(c.strip() for c in conventions.split(",") if c.strip())
+    for name, given, got in (("--mode", mode, modes), ("--conventions", conventions, convs)):
+        if not got:
+            raise ValueError(f"The '{name}' option of dimscope demo must name at least one value. Got {given!r}.")
     t0 = time.perf_counter()
     with Progress(TextColumn("training"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"), TimeElapsedColumn(), console=console, transient=False) as prog:
         task = prog.add_task("train", total=steps)
@@ -54,9 +59,8 @@ def demo(
             if step % 50 == 0 or step == steps - 1:
                 prog.update(task, completed=step + 1)
 
-        modes = tuple(m.strip() for m in mode.split(",") if m.strip())
-        convs = tuple(c.strip() for c in conventions.split(",") if c.strip())
-        out = run_demo(run, steps=steps, every=every, seed=seed, progress=progress, conventions=convs, tracker_kwargs={"mode": modes if len(modes) > 1 else modes[0]})
+        out = run_demo(run, steps=steps, every=every, seed=seed, progress=progress, conventions=convs,
+                       tracker_kwargs={"mode": modes if len(modes) > 1 else modes[0]})
     elapsed = time.perf_counter() - t0
     r = open_run(run)
     console.print(_table(summary_table(r), f"dimscope demo — {steps} steps, every {every}, probe {r.manifest.get('probe_size')} held-out digits"))
@@ -77,7 +81,12 @@ def summary(run: Path = typer.Argument(..., help="Run directory.")) -> None:
     from .store import open_run
 
     r = open_run(run)
-    console.print(_table(summary_table(r), f"dimscope summary — {run}"))
+    table = summary_table(r)
+    if table.empty:
+        console.print(f"dimscope summary — {run}: no activation measurements in this run (it holds "
+                      f"{', '.join(r.artifacts()) or 'no artifacts'}); `dimscope report {run}` shows what it holds.", soft_wrap=True)
+        return
+    console.print(_table(table, f"dimscope summary — {run}"))
 
 
 @app.command()

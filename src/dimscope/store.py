@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import sqlite3
 import threading
 import time
@@ -160,6 +161,11 @@ class RunStore:
                 f = Path(str(self.db_path) + suffix)
                 if f.exists():
                     f.unlink()
+            # what dimscope wrote from the old run beside it (exports, the report) would describe it, not the new one
+            for name in ("scalars.csv", "scalars.parquet"):
+                (self.path / name).unlink(missing_ok=True)
+            if (self.path / "report" / "report.html").is_file():
+                shutil.rmtree(self.path / "report", ignore_errors=True)
         self.existed = self.db_path.exists()
         self.commit_every = commit_every
         self.commit_seconds = commit_seconds
