@@ -92,3 +92,13 @@ def test_a_run_started_afresh_leaves_no_stale_report_or_export(tmp_path, capsys)
     assert "no activation measurements in this run" in capsys.readouterr().out
     assert main(["demo", "--mode", ",", "--steps", "2", "--run", str(tmp_path / "m")]) == 2
     assert "The '--mode' option of dimscope demo must name at least one value. Got ','" in capsys.readouterr().err
+
+
+def test_experiment_options_are_checked_before_anything_runs(tmp_path, capsys):
+    for argv, says in ((["precursor", "--quick", "--seeds", "abc", "--run", str(tmp_path / "p")],
+                        "The 'seeds' parameter of dimscope precursor must be comma-separated ints. Got 'abc'"),
+                       (["jacobian", "--quick", "--seeds", ","], "The 'seeds' parameter of dimscope jacobian must be comma-separated ints"),
+                       (["jacobian", "--quick", "--report"], "The '--report' option of dimscope jacobian needs --run")):
+        assert main(argv) == 2, argv
+        assert says in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()

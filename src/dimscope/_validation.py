@@ -68,3 +68,15 @@ def check_choice(value: Any, name: str, choices: tuple[str, ...] | list[str], *,
         opts = ", ".join(repr(c) for c in choices)
         raise ValueError(f"The '{name}' parameter{_owner(owner)} must be one of {opts}. Got {value!r} instead.")
     return value
+
+
+def parse_ints(text: str, name: str, *, owner: str | None = None) -> tuple[int, ...]:
+    """Comma-separated ints (a CLI option such as ``--seeds 0,1,2``), at least one, or a
+    ``ValueError`` naming the option."""
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if not values:
+        raise ValueError(f"The '{name}' parameter{_owner(owner)} must be comma-separated ints. Got {text!r} instead.")
+    return values

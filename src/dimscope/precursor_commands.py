@@ -86,6 +86,7 @@ def register(app: typer.Typer) -> None:
         """Geometry before behaviour: RankMe collapse, probes and held-out accuracy over checkpoints; the precursor gap."""
         from rich.console import Console
 
+        from ._validation import parse_ints
         from .cli import _table
 
         console = Console(width=180)
@@ -95,7 +96,7 @@ def register(app: typer.Typer) -> None:
         else:
             from .recipes.grokking import run_precursor
 
-            seed_list = [int(s) for s in seeds.split(",")] if seeds else None
+            seed_list = list(parse_ints(seeds, "seeds", owner="dimscope precursor")) if seeds is not None else None
             steps_map = {}
             if steps is not None:
                 steps_map["grokking"] = steps

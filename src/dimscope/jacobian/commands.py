@@ -25,19 +25,16 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        from .._validation import check_choice
+        from .._validation import check_choice, parse_ints
         from .reproduce import comparison_table, reproduce
 
         console = Console(width=160)  # the tables stay readable when the output is piped
         exps = tuple(e.strip() for e in experiments.split(",") if e.strip())
         for e in exps:
             check_choice(e, "experiments", ("perturbation", "kl", "restricted", "variants", "seeds"), owner="dimscope jacobian")
-        try:
-            seed_t = tuple(int(s) for s in seeds.split(",") if s.strip())
-        except ValueError:
-            raise ValueError(f"The 'seeds' parameter of dimscope jacobian must be comma-separated ints. Got {seeds!r} instead.") from None
-        if not seed_t:
-            raise ValueError(f"The 'seeds' parameter of dimscope jacobian must name at least one seed. Got {seeds!r} instead.")
+        seed_t = parse_ints(seeds, "seeds", owner="dimscope jacobian")
+        if report and run is None:
+            raise ValueError("The '--report' option of dimscope jacobian needs --run (the run the report is written from).")
         res = reproduce(run, quick=quick, seeds=seed_t, experiments=exps, log=console.print, overwrite=overwrite,
                         variants=tuple(v.strip() for v in variants.split(",") if v.strip()))
         df = comparison_table(res)
