@@ -282,7 +282,7 @@ def test_analyze_a_run_with_a_frozen_layer_and_a_run_with_one_measurement(tmp_pa
     assert main(["analyze", str(tmp_path / "one")]) == 0
 
 
-def test_analysing_one_convention_or_a_bad_metric_keeps_the_other_events(tmp_path):
+def test_analysing_one_convention_stores_that_analysis_whole_and_a_bad_metric_changes_nothing(tmp_path):
     path = tmp_path / "two"
     _synthetic_run(path, floor_sd=0.05)
     analyze_run(path, validity_replicates=1)
@@ -290,12 +290,18 @@ def test_analysing_one_convention_or_a_bad_metric_keeps_the_other_events(tmp_pat
     def by_conv(kind):
         ev = dimscope.open_run(path).events(kind)
         return ev.payload.map(lambda p: json.loads(p)["convention"] if isinstance(p, str) else p["convention"]).value_counts().to_dict()
+
     before = by_conv("phase")
     assert set(before) == {"probe/centered", "probe/uncentered"}
-    a = analyze_run(path, conventions=["probe/uncentered"], validity_replicates=1)
-    assert a.primary == "probe/uncentered" and a.conventions == ["probe/uncentered"]
-    assert len(a.phases[a.phases.convention == a.primary]) > 0  # the tables are about what was analysed
-    assert by_conv("phase")["probe/centered"] == before["probe/centered"]  # the other convention's phases stay
     with pytest.raises(ValueError, match="The 'metrics' parameter of analyze_run names 'nosuch', which this run does not record. Recorded: stable_rank"):
         analyze_run(path, metrics=["nosuch"], validity_replicates=1)
-    assert by_conv("phase")["probe/centered"] == before["probe/centered"]
+    with pytest.raises(ValueError, match="The 'conventions' parameter of analyze_run must name at least one convention"):
+        analyze_run(path, conventions=[], validity_replicates=1)
+    assert by_conv("phase") == before  # a rejected analysis changes nothing
+    a = analyze_run(path, conventions=["probe/uncentered"], validity_replicates=1)
+    assert a.primary == "probe/uncentered" and a.conventions == ["probe/uncentered"]  # the primary is one analysed
+    assert len(a.phases[a.phases.convention == a.primary]) > 0
+    # the stored analysis is this one, whole: its events, noise floor and summary agree
+    assert set(by_conv("phase")) == {"probe/uncentered"}
+    run = dimscope.open_run(path)
+    assert run.artifact("analysis/summary")["conventions"] == ["probe/uncentered"]

@@ -82,7 +82,7 @@ def test_a_run_started_afresh_leaves_no_stale_report_or_export(tmp_path, capsys)
     assert main(["export", str(run)]) == 0
     assert (run / "report" / "report.html").exists() and (run / "scalars.csv").exists()
     assert main(["demo", "--steps", "10", "--every", "5", "--run", str(run), "--no-report"]) == 0
-    assert not (run / "report").exists() and not (run / "scalars.csv").exists()
+    assert not (run / "report" / "report.html").exists() and not (run / "scalars.csv").exists()
     assert main(["summary", str(run)]) == 0
     capsys.readouterr()
     # a run without activation measurements: summary says so

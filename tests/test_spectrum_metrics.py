@@ -227,6 +227,10 @@ def test_a_collapsed_float64_layer_has_rank_zero_on_every_path():
     Y = X + 1e-6 * rng.standard_normal(X.shape)
     assert dimscope.measure(Y)["eps_rank"] == pytest.approx(dimscope.measure(Y - X.mean(0))["eps_rank"], abs=1)
     assert dimscope.stable_rank(dimscope.spectrum(Y)) > 1.0
+    # a column with a huge offset does not hide a tiny but resolvable variance in another one
+    Z = np.column_stack([1.7e9 + rng.uniform(0, 2000, 1000), rng.normal(0, 1e-4, 1000)])
+    kept = dimscope.spectrum(Z).values
+    assert kept[1] == pytest.approx(dimscope.spectrum(Z - Z.mean(0)).values[1], rel=1e-3) and kept[1] > 5e-9
 
 
 @pytest.mark.parametrize("scale", [1e-150, 1e-80, 1e80, 1e150])

@@ -960,3 +960,75 @@ def test_recompute_on_a_run_without_spectra_says_why(tmp_path):
         train(model, tr, steps=2)
     with pytest.raises(KeyError, match=r"No stored spectra to recompute 'eps_rank' from for layer '0'.*spectra=None stores none"):
         dimscope.open_run(tmp_path / "n").recompute("eps_rank", "0", eps=0.1)
+
+
+def test_starting_afresh_touches_only_the_old_runs_files_and_a_run_being_created_can_be_opened(tmp_path):
+    import threading
+
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    with dimscope.RunStore(folder / "run_b.sqlite") as w:
+        w.add_scalars([(0, 0.0, "", "loss", 1.0, "training", "")])
+    (folder / "scalars.csv").write_text("the user's\n")
+    (folder / "report").mkdir()
+    (folder / "report" / "notes.md").write_text("mine\n")
+    dimscope.RunStore(folder / "run_a.sqlite", overwrite=True).close()  # a run given by its file: neighbours untouched
+    assert (folder / "scalars.csv").read_text() == "the user's\n" and (folder / "report" / "notes.md").exists()
+    run = tmp_path / "r"
+    with dimscope.RunStore(run) as w:
+        w.add_scalars([(0, 0.0, "", "loss", 1.0, "training", "")])
+    (run / "report").mkdir()
+    for f in ("report/report.html", "report/notes.md", "scalars.csv"):
+        (run / f).write_text("x")
+    dimscope.RunStore(run, overwrite=True).close()  # the old run's folder: its report page and exports go
+    assert sorted(p.name for p in (run / "report").iterdir()) == ["notes.md"] and not (run / "scalars.csv").exists()
+    # an empty file is what a writer creating the run leaves for a moment: a reader waits for it
+    db = tmp_path / "new" / "dimscope.sqlite"
+    db.parent.mkdir()
+    db.write_bytes(b"")
+    t = threading.Timer(0.3, lambda: dimscope.RunStore(db.parent).close())
+    t.start()
+    assert dimscope.open_run(db.parent).layers == []
+    t.join()
+
+
+def test_spectra_limit_counts_steps_and_list_probes_read_the_mask(tmp_path):
+    from dimscope.spectrum import Spectrum
+
+    with dimscope.RunStore(tmp_path / "d") as w:
+        w.set_manifest({"layers": ["0"], "default_convention": "probe/centered"})
+        for step, vals in ((0, [3.0, 1.0]), (0, [5.0, 2.0]), (1, [4.0, 4.0])):  # step 0 measured twice
+            w.add_spectrum(step, 0.0, "0", Spectrum(np.array(vals), 8, 2), space="activation", convention="probe/centered")
+    run = dimscope.open_run(tmp_path / "d")
+    assert {k: list(v.values) for k, v in run.spectra("0", limit=1).items()} == {0: [5.0, 2.0]}  # the latest of step 0
+    assert list(run.spectra("0", limit=2).index) == [0, 1]
+    model = Tok()
+    ids, mask = torch.randint(1, 20, (8, 5)), torch.ones(8, 5, dtype=torch.long)
+    mask[:4, 3:] = 0
+    with dimscope.Tracker(model, probe=[ids, mask], every=1, layers=["emb"], run=tmp_path / "l", weight_metrics=False) as tr:
+        tr.step(0)
+    assert dimscope.open_run(tmp_path / "l").manifest["probe_tokens"] == 32
+
+
+def test_a_layer_skipped_once_still_has_its_failures_reported():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc, self.aux = nn.Linear(4, 8), nn.Linear(8, 8)
+
+        def forward(self, x, use_aux=True):
+            h = self.enc(x)
+            return self.aux(h) if use_aux else h
+
+    model = Net()
+    with pytest.warns(RuntimeWarning) as rec:
+        with dimscope.Tracker(model, every=1, layers=["enc", "aux"], mode="batch", background=False, weight_metrics=False,
+                              conventions=("centered", "uncentered")) as tr:
+            model(torch.randn(16, 4), use_aux=False).sum().backward()  # aux not called: said once
+            tr.step(0)
+            model(torch.randn(1, 4)).sum().backward()  # one sample: aux and enc cannot be measured
+            tr.step(1)
+    msgs = [str(w.message) for w in rec]
+    assert sum("'aux' produced no output in the training forward at step 0" in m for m in msgs) == 1
+    assert any("'aux' could not be measured at step 1" in m for m in msgs)
+    assert any("'enc' could not be measured at step 1" in m for m in msgs)

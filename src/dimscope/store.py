@@ -22,7 +22,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import sqlite3
 import threading
 import time
@@ -80,25 +79,43 @@ def _db_path(path: str | os.PathLike[str]) -> Path:
 _SQLITE_HEADER = b"SQLite format 3\x00"
 
 
+_EMPTY = "it is an empty file"
+_NO_TABLES = "it is a SQLite database without tables"
+
+
 def _not_a_run(db: Path) -> str | None:
     """Why the existing file ``db`` is not a dimscope run's database (None when it is one). Read
-    without writing: a file that is not a run is left as it was."""
+    without writing: a file that is not a run is left as it was. An empty file, or a database with
+    no tables yet, is what a writer creating the run leaves for a moment (``_EMPTY``, ``_NO_TABLES``)."""
     try:
         with open(db, "rb") as f:
             head = f.read(len(_SQLITE_HEADER))
     except OSError as e:
         return f"it cannot be read ({e})"
     if head != _SQLITE_HEADER:
-        return "it is an empty file" if not head else "it is not a SQLite database"
+        return _EMPTY if not head else "it is not a SQLite database"
     try:
         con = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=30.0)
         try:
-            found = con.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'manifest'").fetchone()
+            tables = {name for (name,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         finally:
             con.close()
     except sqlite3.DatabaseError as e:
         return f"it is a damaged SQLite database ({e})"
-    return None if found else "it is a SQLite database without dimscope's tables"
+    if not tables:
+        return _NO_TABLES
+    return None if "manifest" in tables else "it is a SQLite database without dimscope's tables"
+
+
+def _wait_for_run(db: Path, seconds: float = 2.0) -> str | None:
+    """:func:`_not_a_run`, giving a run that another process is creating (an empty file, no tables
+    yet) ``seconds`` to appear."""
+    deadline = time.monotonic() + seconds
+    while True:
+        why = _not_a_run(db)
+        if why not in (_EMPTY, _NO_TABLES) or time.monotonic() >= deadline:
+            return why
+        time.sleep(0.05)
 
 
 def _json(obj: Any) -> str:
@@ -149,10 +166,12 @@ class RunStore:
         overwrite = check_bool(overwrite, "overwrite", owner="RunStore")  # "no" must not wipe a run
         self.db_path = _db_path(path)
         self.path = self.db_path.parent
-        if self.db_path.exists():
+        existed = self.db_path.exists()
+        if existed:
             why = _not_a_run(self.db_path)
-            # overwrite replaces a run, or a damaged one; never a file that was not a run
-            if why is not None and not (overwrite and why.startswith("it is a damaged")):
+            # a run (or a file with nothing to lose: empty, no tables yet) is appended to; overwrite also
+            # replaces a damaged run; never a file that was not a run
+            if why is not None and why not in (_EMPTY, _NO_TABLES) and not (overwrite and why.startswith("it is a damaged")):
                 raise ValueError(f"The run path {str(path)!r} names {self.db_path}, which is not a dimscope run: {why}. "
                                  "Give a new folder (or the folder of an existing run).")
         self.path.mkdir(parents=True, exist_ok=True)
@@ -161,11 +180,11 @@ class RunStore:
                 f = Path(str(self.db_path) + suffix)
                 if f.exists():
                     f.unlink()
-            # what dimscope wrote from the old run beside it (exports, the report) would describe it, not the new one
-            for name in ("scalars.csv", "scalars.parquet"):
-                (self.path / name).unlink(missing_ok=True)
-            if (self.path / "report" / "report.html").is_file():
-                shutil.rmtree(self.path / "report", ignore_errors=True)
+            if existed and self.db_path.name == DB_NAME:
+                # the old run's folder: the exports and the report page dimscope wrote there describe the
+                # old run, not the new one (nothing else in the folder is touched)
+                for stale in ("scalars.csv", "scalars.parquet", "report/report.html"):
+                    (self.path / stale).unlink(missing_ok=True)
         self.existed = self.db_path.exists()
         self.commit_every = commit_every
         self.commit_seconds = commit_seconds
@@ -237,17 +256,9 @@ class RunStore:
                 (None if step is None else int(step), wall_time if wall_time is not None else time.time(), kind, layer, metric, _json(payload or {})),
             )
 
-    def clear_events(self, kind: str, *, conventions: Iterable[str] | None = None, metrics: Iterable[str] | None = None) -> None:
-        """Delete the events of ``kind``; only those of these conventions (the ``convention`` of their
-        payload) and metrics, if given."""
-        sql, params = "DELETE FROM events WHERE kind = ?", [kind]
-        for column, values in (("json_extract(payload, '$.convention')", conventions), ("metric", metrics)):
-            if values is not None:
-                values = list(values)
-                sql += f" AND {column} IN ({', '.join('?' * len(values))})"
-                params += values
+    def clear_events(self, kind: str) -> None:
         with self._lock:
-            self._con.execute(sql, params)
+            self._con.execute("DELETE FROM events WHERE kind = ?", (kind,))
 
     def put_artifact(self, name: str, obj: Any, meta: Mapping[str, Any] | None = None) -> None:
         """Store a numpy array, a pandas DataFrame or a JSON-able object under ``name`` (replacing)."""
@@ -312,7 +323,7 @@ class Run:
         self.db_path = _db_path(path)
         if not self.db_path.exists():
             raise FileNotFoundError(f"No dimscope run at {str(path)!r} (expected {self.db_path}).")
-        why = _not_a_run(self.db_path)
+        why = _wait_for_run(self.db_path)
         if why is not None:
             raise ValueError(f"{self.db_path} is not a dimscope run: {why}.")
         self.path = self.db_path.parent
@@ -432,10 +443,11 @@ class Run:
         conv = self._convention(space, convention)
         if limit is not None:
             limit = check_int(limit, "limit", min_value=1, owner="Run.spectra")
+        where = "WHERE layer = ? AND space = ? AND convention = ?"
         rows = self._con.execute(
-            "SELECT step, n_samples, n_features, centered, trace, vals FROM spectra "
-            "WHERE layer = ? AND space = ? AND convention = ? ORDER BY step, rowid LIMIT ?",
-            (layer, space, conv, -1 if limit is None else limit),
+            f"SELECT step, n_samples, n_features, centered, trace, vals FROM spectra {where} "
+            f"AND step IN (SELECT DISTINCT step FROM spectra {where} ORDER BY step LIMIT ?) ORDER BY step, rowid",
+            (layer, space, conv, layer, space, conv, -1 if limit is None else limit),
         ).fetchall()
         if not rows and layer not in self.layers:
             raise KeyError(f"No layer {layer!r} in this run. Its layers: {self.layers}")

@@ -177,7 +177,7 @@ def _token_mask(probe: Any, key: str | None, model: nn.Module) -> torch.Tensor |
         return None
     if isinstance(probe, Mapping):
         return as_token_mask(probe.get(key))
-    if isinstance(probe, tuple):
+    if isinstance(probe, (tuple, list)):  # positional inputs
         i = positional_index(model, key)
         return as_token_mask(probe[i]) if i is not None and i < len(probe) else None
     return None
@@ -493,6 +493,7 @@ class Tracker:
         self._main_calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._nonfinite_warned: set[str] = set()
         self._failure_warned: set[str] = set()
+        self._silent_warned: set[str] = set()  # layers that gave no output in a forward (a warning each)
         self.errors: list[BaseException] = []  # measurements that failed (synchronous mode)
 
         where = self._resolve_background(background)  # validated before the store records a session
@@ -742,12 +743,13 @@ class Tracker:
         return feats
 
     def _warn_silent_layers(self, outs: Mapping[str, Any], where: str, step: int) -> None:
-        """Warn (once per layer) about a tracked layer that gave no output: it is never called in the forward."""
+        """Warn (once per layer) about a tracked layer that gave no output in a forward."""
+        why = "the forward did not call it" if where == "the probe forward" else "the forward did not call it, or called it without grad"
         for name in self.layers:
-            if name not in outs and name not in self._failure_warned:
-                self._failure_warned.add(name)
-                warnings.warn(f"dimscope: layer {name!r} produced no output in {where} at step {step} (the forward did not "
-                              "call it): it is measured only where it is called (this warning is not repeated).", RuntimeWarning, stacklevel=4)
+            if name not in outs and name not in self._silent_warned:
+                self._silent_warned.add(name)
+                warnings.warn(f"dimscope: layer {name!r} produced no output in {where} at step {step} ({why}): it is "
+                              "measured only where it gives one (this warning is not repeated).", RuntimeWarning, stacklevel=4)
 
     def _probe_features(self, step: int) -> dict[str, torch.Tensor]:
         try:

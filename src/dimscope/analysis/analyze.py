@@ -147,6 +147,8 @@ def analyze_run(
         convs = [primary] + [c for c in recorded if c != primary]
     else:
         convs = list(conventions)
+        if not convs:
+            raise ValueError(f"The 'conventions' parameter of analyze_run must name at least one convention (None: every recorded one). Got {conventions!r}.")
         for c in convs:
             if c not in recorded:
                 raise ValueError(f"The 'conventions' parameter of analyze_run names {c!r}, not recorded in this run. Recorded: {', '.join(recorded)}.")
@@ -203,9 +205,11 @@ def analyze_run(
     if store:
         w = RunStore(r.db_path)
         try:
-            # the events of what was analysed are replaced; other conventions' and metrics' stay
-            w.clear_events("phase", conventions=convs, metrics=metrics)
-            w.clear_events("transition", conventions=convs, metrics=metrics)
+            # the stored analysis is the latest one, whole: its events and tables replace the previous
+            # analysis's (keeping other conventions' events would pair them with this run's noise floor,
+            # detector and validity)
+            w.clear_events("phase")
+            w.clear_events("transition")
             for row in ph_rows:
                 w.add_event(row["start"], "phase", layer=row["layer"], metric=row["metric"], payload={kk: row[kk] for kk in ("label", "start", "end", "share_of_change", "delta", "convention")})
             for row in tr_rows:
