@@ -132,16 +132,21 @@ _register_commands()
 
 
 def _click_errors() -> tuple[type[BaseException], ...]:
-    """click's usage-error class, and the copy of it that typer >= 0.26 bundles (not a subclass)."""
-    import click
-
-    types: list[type[BaseException]] = [click.ClickException]
+    """The usage-error class of the click that typer uses: its own bundled copy (typer >= 0.26, which
+    need not install click at all) or click's."""
+    types: list[type[BaseException]] = []
     try:
         from typer._click.exceptions import ClickException as TyperClickException
     except ImportError:  # typer that uses click itself
         pass
     else:
         types.append(TyperClickException)
+    try:
+        import click
+    except ImportError:
+        pass
+    else:
+        types.append(click.ClickException)
     return tuple(types)
 
 
