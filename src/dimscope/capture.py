@@ -211,6 +211,10 @@ class capture:
     ) -> None:
         self.model = _check_module(model, "capture")
         self.layers = resolve_layers(model, layers)
+        # the modules, looked up once: a Tracker in batch mode registers the hooks anew before each
+        # measured step, and walking a large model's named_modules() each time costs milliseconds
+        named = dict(model.named_modules())
+        self._modules = [named[name] for name in self.layers]
         self.clone = clone
         self.only_grad = only_grad
         self.enabled = True
@@ -254,12 +258,11 @@ class capture:
         return self._mask_pos[1]
 
     def __enter__(self) -> capture:
-        modules = dict(self.model.named_modules())
         try:
             if self.mask_key is not None:
                 self._handles.append(self.model.register_forward_pre_hook(self._mask_hook, with_kwargs=True))
-            for name in self.layers:
-                self._handles.append(modules[name].register_forward_hook(self._hook(name)))
+            for name, module in zip(self.layers, self._modules):
+                self._handles.append(module.register_forward_hook(self._hook(name)))
         except BaseException:
             self.remove()
             raise
