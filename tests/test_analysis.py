@@ -305,3 +305,6 @@ def test_analysing_one_convention_stores_that_analysis_whole_and_a_bad_metric_ch
     assert set(by_conv("phase")) == {"probe/uncentered"}
     run = dimscope.open_run(path)
     assert run.artifact("analysis/summary")["conventions"] == ["probe/uncentered"]
+    assert len(run.artifact("analysis/resolution")) > 0
+    analyze_run(path, resolutions=(), validity_replicates=1)  # no resolution table: none stored either
+    assert len(dimscope.open_run(path).artifact("analysis/resolution")) == 0

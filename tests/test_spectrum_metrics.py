@@ -231,6 +231,15 @@ def test_a_collapsed_float64_layer_has_rank_zero_on_every_path():
     Z = np.column_stack([1.7e9 + rng.uniform(0, 2000, 1000), rng.normal(0, 1e-4, 1000)])
     kept = dimscope.spectrum(Z).values
     assert kept[1] == pytest.approx(dimscope.spectrum(Z - Z.mean(0)).values[1], rel=1e-3) and kept[1] > 5e-9
+    # many tiny variances under a large common offset: every path agrees with the data centered first
+    W = 1e9 + np.sqrt(np.r_[1e-8, np.full(49, 1e-9)]) * rng.standard_normal((1000, 50))
+    want = dimscope.measure(W - W.mean(0))
+    got = dimscope.measure(W)
+    assert got["eps_rank"] == want["eps_rank"] == 50
+    assert got["participation_ratio"] == pytest.approx(want["participation_ratio"], rel=1e-6)
+    full, mom = batch_spectra([(torch.from_numpy(W), True, True), (torch.from_numpy(W), True, False)])
+    assert mom.trace ** 2 / mom.sum_sq == pytest.approx(dimscope.participation_ratio(full), rel=1e-6)
+    assert dimscope.participation_ratio(full) == pytest.approx(want["participation_ratio"], rel=1e-6)
 
 
 @pytest.mark.parametrize("scale", [1e-150, 1e-80, 1e80, 1e150])

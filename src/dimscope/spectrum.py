@@ -109,32 +109,26 @@ def _as_matrix(X: Any) -> torch.Tensor:
     return X
 
 
-def _centering_floor(mean: torch.Tensor, n: int) -> np.ndarray:
-    """Per matrix of a (K, 1, d) stack of column means of n rows: the size below which an eigenvalue
-    of the centered Gram matrix is round-off of the centering. A mean computed in float64 is off by
-    at most about log2(n)·eps·|mean_j| (pairwise summation), and a matrix whose true columns are
-    constant (a collapsed layer) keeps only that error in each row: its Gram matrix has one eigenvalue,
-    n·‖error‖² ≤ n·(k·eps)²·‖mean‖², taken here with k = 4·log2(n), four times the bound."""
-    m2 = mean.detach().to(torch.float64).pow(2).sum(dim=(-1, -2)).cpu().numpy().reshape(-1)
-    k = 4.0 * max(1.0, float(np.log2(max(n, 2))))
-    return n * (k * np.finfo(np.float64).eps) ** 2 * m2
+def _center_(X: torch.Tensor, dim: int) -> torch.Tensor:
+    """Subtract the mean along ``dim`` in place, twice: the second pass removes the round-off of the
+    first mean (about eps·|mean| per entry, the same in every row: a spurious rank-one covariance that
+    made a collapsed float64 layer, identical rows, measure rank 1). Identical rows center to exact zeros."""
+    X.sub_(X.mean(dim=dim, keepdim=True))
+    return X.sub_(X.mean(dim=dim, keepdim=True))
 
 
-def _clean_stack(E: np.ndarray, size: int, floor: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def _clean_stack(E: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Descending eigenvalues of K size x size symmetric PSD matrices, one row each: round-off
-    negatives clamped to 0, values under the float64 round-off level of their matrix, or under
-    ``floor`` (K,) (the round-off of centering, :func:`_centering_floor`), set to 0. Also returns
-    which rows had a negative eigenvalue too large to be round-off (not PSD)."""
+    negatives clamped to 0, values under the float64 round-off level of their matrix set to 0. Also
+    returns which rows had a negative eigenvalue too large to be round-off (not PSD)."""
     E = np.array(E, dtype=np.float64, ndmin=2)
     if E.shape[1] == 0:
         return E, np.zeros(E.shape[0], dtype=bool)
-    floor = np.zeros(E.shape[0]) if floor is None else np.asarray(floor, dtype=np.float64).reshape(-1)
     scale = np.maximum(E[:, 0], 0.0)
     most_negative = E.min(axis=1)
-    bad = ((most_negative < 0) & (-most_negative > _NEG_TOL * np.maximum(scale, 1e-300) * max(size, 1))
-           & (-most_negative > np.maximum(floor, 1e-12)))
+    bad = (most_negative < 0) & (-most_negative > _NEG_TOL * np.maximum(scale, 1e-300) * max(size, 1)) & (-most_negative > 1e-12)
     np.clip(E, 0.0, None, out=E)
-    E[E < np.maximum(size * np.finfo(np.float64).eps * scale, floor)[:, None]] = 0.0
+    E[E < (size * np.finfo(np.float64).eps * scale)[:, None]] = 0.0
     return E, bad
 
 
@@ -144,18 +138,18 @@ def _not_psd(E: np.ndarray) -> ValueError:
     )
 
 
-def _clean_eigenvalues(ev: np.ndarray, size: int, floor: float = 0.0) -> np.ndarray:
+def _clean_eigenvalues(ev: np.ndarray, size: int) -> np.ndarray:
     """Descending eigenvalues of a size x size symmetric PSD matrix: round-off negatives clamped."""
-    E, bad = _clean_stack(ev[None, :], size, np.array([floor]))
+    E, bad = _clean_stack(ev[None, :], size)
     if bad[0]:
         raise _not_psd(ev)
     return E[0]
 
 
-def _eigvalsh_desc(G: torch.Tensor, floor: float = 0.0) -> np.ndarray:
+def _eigvalsh_desc(G: torch.Tensor) -> np.ndarray:
     """Eigenvalues of a symmetric float64 matrix, descending, negatives from round-off clamped."""
     G = 0.5 * (G + G.T)
-    return _clean_eigenvalues(torch.linalg.eigvalsh(G).flip(0).cpu().numpy(), G.shape[0], floor)
+    return _clean_eigenvalues(torch.linalg.eigvalsh(G).flip(0).cpu().numpy(), G.shape[0])
 
 
 @dataclass(frozen=True)
@@ -420,13 +414,12 @@ class Workspace:
 
 def _grams64(
     ts: list[torch.Tensor], center: bool | None, workspace: Workspace | None = None, slot: int = 0
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
+) -> tuple[np.ndarray, np.ndarray, int, int]:
     """The float64 Gram matrices of same-shape matrices, stacked: of features (``center``
     True/False: the covariance / second moment, normalised) or of weights (``None``: W reshaped to
     (out, -1), not normalised), from the smaller side, computed by torch (the training's own threads),
-    on CPU. Also returns which of them are finite (NaN or Inf anywhere in X lands, squared, on the
-    diagonal of its Gram matrix) and each one's round-off floor of centering (:func:`_centering_floor`,
-    normalised like the matrix; 0 uncentered). With a ``workspace`` (CPU tensors), the float64 copies and the
+    on CPU. Also returns which of them are finite: NaN or Inf anywhere in X lands, squared, on the
+    diagonal of its Gram matrix. With a ``workspace`` (CPU tensors), the float64 copies and the
     Gram stack are written into its buffers (the Gram stack into buffer ``slot``: one per stack
     that must live at the same time); the result is valid until that buffer's next use."""
     n, d = ts[0].shape[0], int(np.prod(ts[0].shape[1:]))
@@ -435,7 +428,6 @@ def _grams64(
     ws = workspace if ts[0].device.type == "cpu" else None
     K = len(ts)
     G = ws.get(f"gram{slot}", K, (m, m)) if ws is not None else torch.empty((K, m, m), dtype=torch.float64, device=ts[0].device)
-    floor = np.zeros(K)
     for a in range(0, K, per):
         chunk = [t.detach().reshape(n, d) for t in ts[a : a + per]]
         if ws is not None:
@@ -446,22 +438,19 @@ def _grams64(
             X = chunk[0][None] if len(chunk) == 1 else torch.stack(chunk)
             X = X.to(torch.float64, copy=len(chunk) == 1 and bool(center))  # a private copy where it is changed
         if center:
-            mean = X.mean(dim=1, keepdim=True)
-            X.sub_(mean)
-            floor[a : a + len(chunk)] = _centering_floor(mean, n)
+            _center_(X, 1)
         torch.matmul(X, X.mT, out=G[a : a + len(chunk)]) if n <= d else torch.matmul(X.mT, X, out=G[a : a + len(chunk)])
     Gn = G.cpu().numpy()
     finite = np.isfinite(np.diagonal(Gn, axis1=1, axis2=2)).all(axis=1)
     if center is not None:
         Gn /= float(max(n - (1 if center else 0), 1))
-        floor /= float(max(n - (1 if center else 0), 1))
-    return Gn, finite, floor, n, d
+    return Gn, finite, n, d
 
 
-def _by_ceiling(items: list[tuple[int, np.ndarray, int, int, float]], tasks: list[Any]) -> dict[int, list[int]]:
+def _by_ceiling(items: list[tuple[int, np.ndarray, int, int]], tasks: list[Any]) -> dict[int, list[int]]:
     """Positions in ``items`` grouped by the number of eigenvalues kept, min(n - 1, d) or min(n, d)."""
     out: dict[int, list[int]] = {}
-    for r, (i, _, n, d, _) in enumerate(items):
+    for r, (i, _, n, d) in enumerate(items):
         out.setdefault(ceiling(n, d, bool(tasks[i][1])), []).append(r)
     return out
 
@@ -505,17 +494,17 @@ def batch_spectra(
         if t.ndim < 2:
             raise ValueError(f"batch_spectra needs matrices (samples x features). Got shape {tuple(t.shape)}.")
         groups.setdefault((tuple(t.shape), t.dtype, t.device, center), []).append(i)
-    # (index, its Gram matrix, n, d, round-off floor): by Gram size for whole spectra, in task order for moments
-    full: dict[int, list[tuple[int, np.ndarray, int, int, float]]] = {}
+    # (index, its Gram matrix, n, d): by Gram size for whole spectra, in task order for moments
+    full: dict[int, list[tuple[int, np.ndarray, int, int]]] = {}
     where: dict[int, list[tuple[np.ndarray, int]]] = {}  # (its Gram stack, row) of each item of full
-    moments: list[tuple[int, np.ndarray, int, int, float]] = []
+    moments: list[tuple[int, np.ndarray, int, int]] = []
     for g, ((shape, _, _, center), idx) in enumerate(groups.items()):
         try:
             if shape[0] < 1 or int(np.prod(shape[1:])) < 1:
                 raise ValueError(f"A spectrum needs at least 1 sample and 1 feature. Got a matrix of shape {shape}.")
             if center and shape[0] < 2:  # its covariance has no eigenvalue: not a rank of 0
                 raise ValueError(f"A centered spectrum needs at least 2 samples. Got a matrix of shape {shape}.")
-            Gn, finite, floor, n, d = _grams64([tasks[i][0] for i in idx], center, workspace, slot=g)
+            Gn, finite, n, d = _grams64([tasks[i][0] for i in idx], center, workspace, slot=g)
         except Exception as e:  # noqa: BLE001 - in each task's place
             for i in idx:
                 out[i] = e
@@ -526,10 +515,10 @@ def batch_spectra(
                 out[i] = NonFiniteError(f"The {what} matrix holds NaN or Inf values, or values too large to square in float64 (|x| > 1e154).")
                 continue
             if tasks[i][2]:
-                full.setdefault(Gn.shape[1], []).append((i, Gn[j], n, d, float(floor[j])))
+                full.setdefault(Gn.shape[1], []).append((i, Gn[j], n, d))
                 where.setdefault(Gn.shape[1], []).append((Gn, j))
             else:
-                moments.append((i, Gn[j], n, d, float(floor[j])))
+                moments.append((i, Gn[j], n, d))
     for size, items in full.items():
         try:
             raw = _eigvalsh_stack(_stacked(where[size]), threads)[:, ::-1]  # reads one triangle
@@ -544,13 +533,13 @@ def batch_spectra(
             items = kept
             raw = np.array(rows_ok).reshape(len(kept), size)
         for m, rows in _by_ceiling(items, tasks).items():
-            E, bad = _clean_stack(raw[rows, :m], size, np.array([items[r][4] for r in rows]))
+            E, bad = _clean_stack(raw[rows, :m], size)
             traces = E.sum(axis=1)
             for r, ev, tr, not_psd in zip(rows, E, traces, bad):
-                i, _, n, d, _ = items[r]
+                i, _, n, d = items[r]
                 out[i] = _not_psd(raw[r, :m]) if not_psd else Spectrum(ev, n, d, bool(tasks[i][1]), float(tr))
     starts = {} if starts is None else starts
-    for i, g, n, d, fl in moments:  # in order: each from the latest top vector of its slot
+    for i, g, n, d in moments:  # in order: each from the latest top vector of its slot
         slot = slots[i] if slots is not None else None
         try:
             top, vec = top_eigenvalue(g, starts.get(slot))
@@ -559,9 +548,6 @@ def batch_spectra(
             continue
         if slot is not None and vec is not None:
             starts[slot] = vec
-        if top <= fl:  # every eigenvalue is round-off of the centering: a collapsed layer
-            out[i] = Moments(0.0, 0.0, 0.0, n, d, bool(tasks[i][1]), 0.0)
-            continue
         sum_sq = float(np.einsum("ij,ij->", g, g))
         rel = sum_sq / top / top if top > 0 else 0.0
         if top > 0 and not (np.isfinite(sum_sq) and 1e-280 < sum_sq < 1e280):  # scaled first: no over- or underflow
@@ -597,9 +583,9 @@ def spectrum_from_gram(
     return _spectrum_from_gram(G, n_samples, n_features, centered, normalized)
 
 
-def _spectrum_from_gram(G: torch.Tensor, n: int, d: int, centered: bool, normalized: bool, floor: float = 0.0) -> Spectrum:
+def _spectrum_from_gram(G: torch.Tensor, n: int, d: int, centered: bool, normalized: bool) -> Spectrum:
     denom = 1.0 if normalized else float(max(n - (1 if centered else 0), 1))
-    ev = _eigvalsh_desc(G / denom, floor / denom)
+    ev = _eigvalsh_desc(G / denom)
     return Spectrum(ev[: ceiling(n, d, centered)].copy(), n, d, centered)
 
 
@@ -618,15 +604,12 @@ def spectrum(X: Any, center: bool = True) -> Spectrum:
     X = X.detach().to(torch.float64)
     if not torch.isfinite(X).all():
         raise NonFiniteError("The feature matrix holds NaN or Inf values.")
-    floor = 0.0
     if center:
-        mean = X.mean(dim=0, keepdim=True)
-        X = X - mean
-        floor = float(_centering_floor(mean[None], n)[0])
+        X = _center_(X.clone(), 0)
     G = X @ X.T if n <= d else X.T @ X
     if not torch.isfinite(G).all():
         raise NonFiniteError("The feature matrix holds values too large to square in float64 (|x| > 1e154).")
-    return _spectrum_from_gram(G, n, d, bool(center), False, floor)
+    return _spectrum_from_gram(G, n, d, bool(center), False)
 
 
 def weight_spectrum(W: Any) -> Spectrum:

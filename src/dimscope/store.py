@@ -176,21 +176,28 @@ class RunStore:
                                  "Give a new folder (or the folder of an existing run).")
         self.path.mkdir(parents=True, exist_ok=True)
         if overwrite:
+            if existed and self.db_path.name == DB_NAME:
+                # the old run's folder: the exports and the report (page and figures) dimscope wrote there
+                # describe the old run, not the new one; nothing else in the folder is touched, and a file
+                # that cannot be removed is left (before the database is, so that nothing is lost half-way)
+                stale = [self.path / "scalars.csv", self.path / "scalars.parquet"]
+                if (self.path / "report" / "report.html").is_file():
+                    stale += [self.path / "report" / "report.html", *(self.path / "report").glob("*.png")]
+                for f in stale:
+                    try:
+                        f.unlink(missing_ok=True)
+                    except OSError:
+                        pass
             for suffix in ("", "-wal", "-shm"):
                 f = Path(str(self.db_path) + suffix)
                 if f.exists():
                     f.unlink()
-            if existed and self.db_path.name == DB_NAME:
-                # the old run's folder: the exports and the report page dimscope wrote there describe the
-                # old run, not the new one (nothing else in the folder is touched)
-                for stale in ("scalars.csv", "scalars.parquet", "report/report.html"):
-                    (self.path / stale).unlink(missing_ok=True)
         self.existed = self.db_path.exists()
         self.commit_every = commit_every
         self.commit_seconds = commit_seconds
         self._lock = threading.RLock()
         self._con = _connect(self.db_path)
-        self._con.executescript(_SCHEMA)
+        self._con.executescript("BEGIN;\n" + _SCHEMA + "COMMIT;\n")  # all tables at once: a reader never sees half a schema
         self._con.execute("BEGIN")
         self._pending = 0
         self._last_commit = time.monotonic()
@@ -438,8 +445,8 @@ class Run:
         return self.metric(name, None, space="training")
 
     def spectra(self, layer: str, *, space: str = "activation", convention: str | None = None, limit: int | None = None) -> pd.Series:
-        """The stored spectra of a layer: a Series of :class:`Spectrum` indexed by step (the first
-        ``limit`` measurements only, if given: a long run's spectra need not all be read)."""
+        """The stored spectra of a layer: a Series of :class:`Spectrum` indexed by step, the latest
+        of each step (of the first ``limit`` steps only, if given: a long run's spectra need not all be read)."""
         conv = self._convention(space, convention)
         if limit is not None:
             limit = check_int(limit, "limit", min_value=1, owner="Run.spectra")

@@ -219,8 +219,7 @@ def analyze_run(
             w.put_artifact("analysis/correlations", corr)
             w.put_artifact("analysis/convention_sensitivity", sens)
             w.put_artifact("analysis/early_share", early)
-            if len(resolution):
-                w.put_artifact("analysis/resolution", resolution)
+            w.put_artifact("analysis/resolution", resolution)  # empty too: the stored analysis is this one, whole
             w.put_artifact("analysis/summary", {"primary": primary, "conventions": convs, "metrics": metrics, "k": k, "detector": det.name, "verdict": validity.verdict})
             w.commit()
         finally:
