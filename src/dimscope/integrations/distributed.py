@@ -201,6 +201,9 @@ class DistributedTracker(Tracker):
             return spectrum(self._all_gather_rows(X), center=center)
         if center:
             X = X - stats[:d] / n
+            residual = X.sum(0)  # a second pass, as in one process: it removes the first mean's round-off
+            self._all_reduce(residual)
+            X = X - residual / n
         G = X.T @ X
         self._all_reduce(G)
         if not torch.isfinite(G).all():
