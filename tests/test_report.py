@@ -375,6 +375,15 @@ def test_analyze_run_is_called_when_the_run_has_no_analysis(tmp_path: Path, monk
     assert "<td class='txt'>expansion</td>" in _section(html, "transitions")
     write_report(run, tmp_path / "b", providers=cheap)  # the run now holds phases: not analysed again
     assert len(calls) == 1
+    # the stored analysis is of another convention only (analyze --convention X): the report's is analysed
+    with RunStore(run) as st:
+        st.put_artifact("analysis/summary", {"conventions": ["probe/uncentered"], "primary": "probe/uncentered"})
+    write_report(run, tmp_path / "b2", providers=cheap)
+    assert len(calls) == 2
+    with RunStore(run) as st:
+        st.put_artifact("analysis/summary", {"conventions": [dimscope.open_run(run).default_convention]})
+    write_report(run, tmp_path / "b3", providers=cheap)
+    assert len(calls) == 2
     # without the analysis module the report is still written
     monkeypatch.setitem(sys.modules, "dimscope.analysis", None)
     run2 = make_run(tmp_path / "run2", steps=20, analysis=False)

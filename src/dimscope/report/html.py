@@ -189,11 +189,17 @@ def render_html(
 
 
 def _has_analysis(run: Any) -> bool:
-    return not run.events("phase").empty or not run.events("transition").empty
+    """Whether the run holds an analysis of the convention the report draws (its default): events,
+    and no stored summary saying the latest analysis was of other conventions only."""
+    if run.events("phase").empty and run.events("transition").empty:
+        return False
+    summary = run.artifact("analysis/summary", default=None)
+    return not isinstance(summary, dict) or run.default_convention in summary.get("conventions", [run.default_convention])
 
 
 def _maybe_analyze(run: Any) -> ReportSection | None:
-    """Run the transitions analysis first when it exists and the run holds none of its events."""
+    """Run the transitions analysis first when it exists and the run holds none of its events (or
+    only an analysis of other conventions than the one the report draws)."""
     if _has_analysis(run):
         return None
     try:
