@@ -978,10 +978,11 @@ def test_starting_afresh_touches_only_the_old_runs_files_and_a_run_being_created
     with dimscope.RunStore(run) as w:
         w.add_scalars([(0, 0.0, "", "loss", 1.0, "training", "")])
     (run / "report").mkdir()
-    for f in ("report/report.html", "report/overview.png", "report/notes.md", "scalars.csv"):
+    for f in ("report/overview.png", "report/mine.png", "report/notes.md", "scalars.csv"):
         (run / f).write_text("x")
-    dimscope.RunStore(run, overwrite=True).close()  # the old run's folder: its report (page, figures) and exports go
-    assert sorted(p.name for p in (run / "report").iterdir()) == ["notes.md"] and not (run / "scalars.csv").exists()
+    (run / "report" / "report.html").write_text("<figcaption>overview.png</figcaption>")
+    dimscope.RunStore(run, overwrite=True).close()  # the old run's folder: its report (page, its figures) and exports go
+    assert sorted(p.name for p in (run / "report").iterdir()) == ["mine.png", "notes.md"] and not (run / "scalars.csv").exists()
     # an empty file is what a writer creating the run leaves for a moment: a reader waits for it
     db = tmp_path / "new" / "dimscope.sqlite"
     db.parent.mkdir()

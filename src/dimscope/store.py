@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -181,8 +182,13 @@ class RunStore:
                 # describe the old run, not the new one; nothing else in the folder is touched, and a file
                 # that cannot be removed is left (before the database is, so that nothing is lost half-way)
                 stale = [self.path / "scalars.csv", self.path / "scalars.parquet"]
-                if (self.path / "report" / "report.html").is_file():
-                    stale += [self.path / "report" / "report.html", *(self.path / "report").glob("*.png")]
+                page = self.path / "report" / "report.html"
+                if page.is_file():  # the page and the figures it names (other files in report/ stay)
+                    try:
+                        named = set(re.findall(r"[\w.-]+\.png", page.read_text(errors="replace")))
+                    except OSError:
+                        named = set()
+                    stale += [page, *(self.path / "report" / name for name in sorted(named))]
                 for f in stale:
                     try:
                         f.unlink(missing_ok=True)
@@ -197,7 +203,10 @@ class RunStore:
         self.commit_seconds = commit_seconds
         self._lock = threading.RLock()
         self._con = _connect(self.db_path)
-        self._con.executescript("BEGIN;\n" + _SCHEMA + "COMMIT;\n")  # all tables at once: a reader never sees half a schema
+        # all tables at once, so a reader never sees half a schema; IMMEDIATE takes the write lock up front
+        # (a deferred transaction that must upgrade to add a missing table fails at once when another
+        # process wrote in between, busy timeout or not)
+        self._con.executescript("BEGIN IMMEDIATE;\n" + _SCHEMA + "COMMIT;\n")
         self._con.execute("BEGIN")
         self._pending = 0
         self._last_commit = time.monotonic()

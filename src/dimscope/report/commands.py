@@ -15,7 +15,7 @@ def register(app: typer.Typer) -> None:
     def report(
         run: Path = typer.Argument(..., help="Run directory."),
         out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: RUN/report)."),
-        analyze: bool = typer.Option(True, help="Run the transitions analysis first when the run holds none."),
+        analyze: bool = typer.Option(True, help="Run the transitions analysis first when the run holds none of its default convention (it replaces a stored one)."),
     ) -> None:
         """Write RUN's report.html (images inline, no network access needed) and its PNG files."""
         from ..cli import console

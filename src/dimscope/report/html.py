@@ -194,7 +194,10 @@ def _has_analysis(run: Any) -> bool:
     if run.events("phase").empty and run.events("transition").empty:
         return False
     summary = run.artifact("analysis/summary", default=None)
-    return not isinstance(summary, dict) or run.default_convention in summary.get("conventions", [run.default_convention])
+    conv = run.default_convention
+    if not isinstance(summary, dict) or conv not in run.conventions:  # nothing recorded under it: any analysis will do
+        return True
+    return conv in (summary.get("conventions") or [conv])
 
 
 def _maybe_analyze(run: Any) -> ReportSection | None:
@@ -232,8 +235,9 @@ def write_report(
     out:
         The output folder (created); default ``<run>/report``.
     analyze:
-        When the run holds no ``"phase"`` or ``"transition"`` events and
-        ``dimscope.analysis.analyze_run`` exists, run it first (it stores its results in the run).
+        When the run holds no ``"phase"`` or ``"transition"`` events, or only an analysis of other
+        conventions than the run's default (which the report draws), and ``dimscope.analysis.analyze_run``
+        exists, run it first with its defaults (it stores its results in the run, in place of any earlier analysis).
     dpi:
         Resolution of the PNG files.
     providers:
