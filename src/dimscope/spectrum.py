@@ -601,11 +601,11 @@ def spectrum(X: Any, center: bool = True) -> Spectrum:
         raise ValueError(f"The 'X' parameter of spectrum needs at least {2 if center else 1} samples (rows){' to center' if center else ''}. Got {n}.")
     if d < 1:
         raise ValueError("The 'X' parameter of spectrum needs at least 1 feature (column). Got 0.")
-    X = X.detach().to(torch.float64)
+    X = X.detach().to(torch.float64, copy=bool(center))  # one private copy, centered in place
     if not torch.isfinite(X).all():
         raise NonFiniteError("The feature matrix holds NaN or Inf values.")
     if center:
-        X = _center_(X.clone(), 0)
+        _center_(X, 0)
     G = X @ X.T if n <= d else X.T @ X
     if not torch.isfinite(G).all():
         raise NonFiniteError("The feature matrix holds values too large to square in float64 (|x| > 1e154).")

@@ -737,18 +737,17 @@ class Tracker:
                     stacklevel=3,
                 )
             if outs:
-                self._warn_silent_layers(outs, "the training forward", step)
+                self._warn_silent_layers(outs, step, "in the training forward", "the forward did not call it, or called it without grad")
             feats["batch"] = self._features(_drop_padding(outs, self._batch_capture.mask), step)
             self._batch_capture.clear()
         return feats
 
-    def _warn_silent_layers(self, outs: Mapping[str, Any], where: str, step: int) -> None:
+    def _warn_silent_layers(self, outs: Mapping[str, Any], step: int, where: str, why: str) -> None:
         """Warn (once per layer) about a tracked layer that gave no output in a forward."""
-        why = "the forward did not call it" if where == "the probe forward" else "the forward did not call it, or called it without grad"
         for name in self.layers:
             if name not in outs and name not in self._silent_warned:
                 self._silent_warned.add(name)
-                warnings.warn(f"dimscope: layer {name!r} produced no output in {where} at step {step} ({why}): it is "
+                warnings.warn(f"dimscope: layer {name!r} produced no output {where} at step {step} ({why}): it is "
                               "measured only where it gives one (this warning is not repeated).", RuntimeWarning, stacklevel=4)
 
     def _probe_features(self, step: int) -> dict[str, torch.Tensor]:
@@ -760,7 +759,7 @@ class Tracker:
                 e.add_note(f"dimscope: raised by the model's forward on the 'probe' of Tracker (tensor shapes {shapes}) "
                            f"at step {step}: the probe must be an input the model accepts.")
             raise
-        self._warn_silent_layers(outs, "the probe forward", step)
+        self._warn_silent_layers(outs, step, "in the probe forward", "the forward did not call it")
         return self._features(_drop_padding(outs, self._probe_mask), step)
 
     def _features(self, outs: Mapping[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:

@@ -178,11 +178,12 @@ def run_staircase(
     results are the same as with ``workers=1``).
     """
     pre_kw = {"method": "structured", "sharpness": 1.0, **(pretrain or {})}
-    known = set(inspect.signature(pretrain_first_layer).parameters) - {"model", "domain"}
-    unknown = sorted(set(pre_kw) - known)
+    defaults = {k: p.default for k, p in inspect.signature(pretrain_first_layer).parameters.items() if k not in ("model", "domain")}
+    unknown = sorted(set(pre_kw) - set(defaults))
     if unknown:
-        raise ValueError(f"The 'pretrain' parameter of run_staircase names an unknown option {unknown[0]!r}. Its options: {', '.join(sorted(known))}.")
-    check_pretrain_options(pre_kw["method"], pre_kw["sharpness"], pre_kw.get("steps", 200), pre_kw.get("lr", 1e-2),
+        raise ValueError(f"The 'pretrain' parameter of run_staircase names an unknown option {unknown[0]!r}. Its options: {', '.join(sorted(defaults))}.")
+    opts = {**defaults, **pre_kw}
+    check_pretrain_options(opts["method"], opts["sharpness"], opts["steps"], opts["lr"],
                            owner="run_staircase (pretrain)")  # before the run is overwritten and trained
     targets = list(targets)
     if not targets:
