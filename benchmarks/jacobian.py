@@ -24,15 +24,25 @@ import os
 import time
 
 
-def matmul_peak(torch, threads: int, size: int = 2048, reps: int = 5) -> tuple[float, float]:
+def _sync(torch, device) -> None:  # noqa: ANN001
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(torch, threads: int, size: int = 2048, reps: int = 5, device=None) -> tuple[float, float]:  # noqa: ANN001
     """(GFLOP/s by wall time, GFLOP per CPU-second), best of ``reps`` float32 torch.mm."""
-    a = torch.randn(size, size)
-    b = torch.randn(size, size)
+    device = device or torch.device("cpu")
+    if device.type == "cuda":
+        size = max(size, 8192)  # enough work per product to leave launch overhead behind
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
     a @ b
     best, best_cpu = float("inf"), float("inf")
     for _ in range(reps):
+        _sync(torch, device)
         t, c = time.perf_counter(), time.process_time()
         a @ b
+        _sync(torch, device)
         best = min(best, time.perf_counter() - t)
         best_cpu = min(best_cpu, time.process_time() - c)
     return 2 * size**3 / best / 1e9, 2 * size**3 / best_cpu / 1e9
@@ -98,7 +108,9 @@ def main() -> None:
     ap.add_argument("--generic", action="store_true", help="also time the generic vmap(jvp(grad)) path")
     ap.add_argument("--generic-columns", type=int, default=32)
     ap.add_argument("--skip-jax", action="store_true")
+    ap.add_argument("--device", default="cpu", help="where dimscope's runs go, e.g. cuda (JAX takes its default device)")
     args = ap.parse_args()
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # JAX beside torch on one GPU
     eigen = "true" if args.threads > 1 else "false"
     os.environ.setdefault("XLA_FLAGS", f"--xla_cpu_multi_thread_eigen={eigen} intra_op_parallelism_threads={args.threads}")
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
@@ -107,18 +119,20 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     from dimscope.jacobian.core import UnrolledTraining
     from dimscope.jacobian.paper import PAPER_TRAINING, digits_data, paper_model
     from dimscope.jacobian.training import TrainConfig
 
     Xtr, ytr, _, _ = digits_data()
-    model = paper_model(0)
+    model = paper_model(0).to(device)
     cfg = TrainConfig(**PAPER_TRAINING)
     n = sum(p.numel() for p in model.parameters())
     K = min(args.columns, n)
-    print(f"paper setup: n = {n} parameters, 625 steps, {K} Jacobian columns, {args.threads} threads, load {os.getloadavg()}")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} threads"
+    print(f"paper setup: n = {n} parameters, 625 steps, {K} Jacobian columns, on {where}, load {os.getloadavg()}")
 
-    peak0, peak0_cpu = matmul_peak(torch, args.threads)
+    peak0, peak0_cpu = matmul_peak(torch, args.threads, device=device)
     print(f"float32 matmul peak (torch.mm 2048^3, best of 5): {peak0:.1f} GFLOP/s wall, {peak0_cpu:.1f} GFLOP per CPU-second")
 
     # dimscope fast path
@@ -126,14 +140,15 @@ def main() -> None:
     run = UnrolledTraining(model, Xtr, ytr, cfg, method="mlp")
     primal_s = time.perf_counter() - t
     chunk = args.chunk or 64
+    _sync(torch, device)
     t, cpu = time.perf_counter(), time.process_time()
     cols = []
     for s in range(0, K, chunk):
         e = min(K, s + chunk)
-        V = torch.zeros(e - s, n)
+        V = torch.zeros(e - s, n, device=device)
         V[torch.arange(e - s), torch.arange(s, e)] = 1
         cols.append(run.jvp(V))
-    J_fast = torch.cat(cols).T.numpy()
+    J_fast = torch.cat(cols).T.cpu().numpy()
     fast_s = time.perf_counter() - t
     fast_cpu = time.process_time() - cpu
     H, D, C, B, T = 64, 64, 10, 64, run.n_steps
@@ -145,20 +160,20 @@ def main() -> None:
     if args.generic:
         rg = UnrolledTraining(model, Xtr, ytr, cfg, method="generic")
         kg = min(args.generic_columns, K)
-        V = torch.zeros(kg, n)
+        V = torch.zeros(kg, n, device=device)
         V[torch.arange(kg), torch.arange(kg)] = 1
         t = time.perf_counter()
-        Jg = rg.jvp(V).T.numpy()
+        Jg = rg.jvp(V).T.cpu().numpy()
         gs = time.perf_counter() - t
         print(f"dimscope generic vmap(jvp(grad)): {gs:.1f} s for {kg} columns -> {gs * n / kg:.0f} s extrapolated to {n}; "
               f"max |diff| vs fast {np.abs(Jg - J_fast[:, :kg]).max():.2e}")
 
     if not args.skip_jax:
-        theta0 = run.theta0.numpy()
+        theta0 = run.theta0.cpu().numpy()
         J_jax, jax_s, jax_compile, label, jax_cpu = jax_jacobian(theta0, Xtr.numpy(), ytr.numpy(), run.traj.lrs, [b.numpy() for b in run.traj.batches], K)
         diff = np.abs(J_jax[:, :K] - J_fast).max() / np.abs(J_jax).max()
         print(f"{label}: {jax_s:.1f} s, CPU {jax_cpu:.1f} s (+ {jax_compile:.1f} s compile); max relative |J_jax - J_fast| = {diff:.2e}")
-        peak1, peak1_cpu = matmul_peak(torch, args.threads)
+        peak1, peak1_cpu = matmul_peak(torch, args.threads, device=device)
         peak, peak_cpu = max(peak0, peak1), max(peak0_cpu, peak1_cpu)
         print(f"float32 matmul peak after: {peak1:.1f} GFLOP/s wall, {peak1_cpu:.1f} GFLOP per CPU-second")
         scale = n / K

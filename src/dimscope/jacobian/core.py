@@ -63,8 +63,9 @@ class UnrolledTraining:
         self.cfg = cfg.validated(len(X))
         self.spec = ParamSpec(model)
         self.dtype = dtype
-        self.X = X.to(dtype)
-        self.y = y.to(dtype) if y.is_floating_point() else y
+        self.device = self.spec.device  # the run is carried out where the model is; see training_jacobian
+        self.X = X.to(device=self.device, dtype=dtype)
+        self.y = y.to(device=self.device, dtype=dtype) if y.is_floating_point() else y.to(self.device)
         self.opt: FunctionalOptimizer = make_optimizer(self.cfg)
         self.hvp_op: GenericHVP | MLPHVP = make_hvp(model, self.spec, self.cfg.loss, method)
         t0 = time.perf_counter()
@@ -102,7 +103,7 @@ class UnrolledTraining:
 
     def jvp(self, V: torch.Tensor) -> torch.Tensor:
         """Push a (K, n) block of initial-parameter tangents through the run; returns rows ``J v_k``."""
-        V = V.to(self.dtype)
+        V = V.to(device=self.device, dtype=self.dtype)
         single = V.dim() == 1
         blocks = self.hvp_op.to_blocks(V.unsqueeze(0) if single else V)
         states = [tuple(torch.zeros_like(b) for _ in range(self.opt.n_state)) for b in blocks]
@@ -128,7 +129,7 @@ class UnrolledTraining:
 
     def vjp(self, U: torch.Tensor) -> torch.Tensor:
         """Pull a (K, n) block of final-parameter cotangents back through the run; rows ``J^T u_k``."""
-        U = U.to(self.dtype)
+        U = U.to(device=self.device, dtype=self.dtype)
         single = U.dim() == 1
         lth = self.hvp_op.to_blocks(U.unsqueeze(0) if single else U)
         lst = [tuple(torch.zeros_like(b) for _ in range(self.opt.n_state)) for b in lth]
@@ -159,10 +160,10 @@ class UnrolledTraining:
         if chunk is None:
             chunk = min(n, 64)
         chunk = check_int(chunk, "chunk", min_value=1, owner="training_jacobian")
-        JT = torch.empty(n, n, dtype=self.dtype)
+        JT = torch.empty(n, n, dtype=self.dtype, device=self.device)
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
-            V = torch.zeros(e - s, n, dtype=self.dtype)
+            V = torch.zeros(e - s, n, dtype=self.dtype, device=self.device)
             V[torch.arange(e - s), torch.arange(s, e)] = 1.0
             JT[s:e] = self.jvp(V)
             if progress is not None:
@@ -284,7 +285,9 @@ def training_jacobian(
 
     ``method="auto"`` uses the closed-form fast path for ``Sequential(Linear, activation, Linear)``
     with cross-entropy or MSE, and ``vmap(jvp(grad))`` otherwise (``"generic"`` forces it).
-    The model is not modified. See :mod:`dimscope.jacobian.training` for the optimizer conventions.
+    The model is not modified. The training and the tangents run on the model's device (X and y are
+    moved there); ``J``, ``theta0`` and ``theta_final`` come back on the CPU, where the SVD is taken.
+    See :mod:`dimscope.jacobian.training` for the optimizer conventions.
     """
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"The 'dtype' parameter of training_jacobian must be torch.float32 or torch.float64. Got {dtype!r} instead.")
@@ -296,7 +299,8 @@ def training_jacobian(
     t0 = time.perf_counter()
     run = UnrolledTraining(model, X, y, cfg, dtype=dtype, method=method)
     J = run.dense(chunk=chunk, progress=progress)
+    # the run goes where the model is (an accelerator included); the result, and its SVD, on the CPU
     return TrainingJacobian(
-        J=J, theta0=run.theta0, theta_final=run.theta_final, config=cfg, method=run.hvp_op.name,
+        J=J.cpu(), theta0=run.theta0.cpu(), theta_final=run.theta_final.cpu(), config=cfg, method=run.hvp_op.name,
         seconds=time.perf_counter() - t0, losses=run.traj.losses,
     )

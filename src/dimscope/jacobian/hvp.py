@@ -135,7 +135,7 @@ class MLPHVP:
             t = torch.nn.functional.one_hot(y, self.C).to(z.dtype) if not y.is_floating_point() else y
             r = 2.0 * (z - t) / (B * self.C)
         ga = r @ W2
-        ones = torch.ones(B, 1, dtype=x.dtype)
+        ones = torch.ones(B, 1, dtype=x.dtype, device=x.device)
         return {
             "W2": W2, "x": x, "a": a, "f1": f1, "r": r, "ga": ga,
             "f1T": f1.T.contiguous(), "gaf2T": (ga * f2).T.contiguous(), "rT": r.T.contiguous(),

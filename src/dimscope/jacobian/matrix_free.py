@@ -38,12 +38,12 @@ def jacobian_operator(run: UnrolledTraining):  # noqa: ANN201
     def mm(V: np.ndarray) -> np.ndarray:
         V = np.asarray(V).reshape(n, -1)
         counts["jvp"] += V.shape[1]
-        return run.jvp(torch.from_numpy(np.ascontiguousarray(V.T))).double().numpy().T
+        return run.jvp(torch.from_numpy(np.ascontiguousarray(V.T))).double().cpu().numpy().T
 
     def rmm(U: np.ndarray) -> np.ndarray:
         U = np.asarray(U).reshape(n, -1)
         counts["vjp"] += U.shape[1]
-        return run.vjp(torch.from_numpy(np.ascontiguousarray(U.T))).double().numpy().T
+        return run.vjp(torch.from_numpy(np.ascontiguousarray(U.T))).double().cpu().numpy().T
 
     op = LinearOperator(
         (n, n), matvec=lambda v: mm(v)[:, 0], rmatvec=lambda u: rmm(u)[:, 0], matmat=mm, rmatmat=rmm, dtype=np.float64
@@ -133,7 +133,7 @@ def bulk_size_slq(
     q = Z
     for j in range(steps):
         Q[j] = q
-        w = run.vjp(run.jvp(q.to(run.dtype))).double()
+        w = run.vjp(run.jvp(q.to(run.dtype))).double().cpu()
         alpha[:, j] = (w * q).sum(1)
         # full reorthogonalization against all previous vectors of the same probe
         coef = torch.einsum("jpn,pn->jp", Q[: j + 1], w)

@@ -220,6 +220,7 @@ class ParamSpec:
         self.buffers = dict(model.named_buffers())
         if self.n == 0:
             raise ValueError("The 'model' parameter of training_jacobian must have parameters. Got a model with none.")
+        self.device = next(model.parameters()).device  # where the functional training runs: the model's device
 
     def vector(self, dtype: torch.dtype) -> torch.Tensor:
         return torch.nn.utils.parameters_to_vector(self.model.parameters()).detach().to(dtype).clone()
@@ -276,12 +277,11 @@ def functional_train(
     """
     cfg = cfg.validated(len(X))
     spec = ParamSpec(model)
-    theta = spec.vector(dtype) if theta0 is None else theta0.detach().to(dtype).clone()
+    theta = spec.vector(dtype) if theta0 is None else theta0.detach().to(device=spec.device, dtype=dtype).clone()
     if theta.shape[-1:] != (spec.n,) or theta.dim() > 2:
         raise ValueError(f"The 'theta0' parameter must have shape ({spec.n},) or (P, {spec.n}). Got {tuple(theta.shape)} instead.")
-    X = X.to(dtype)
-    if y.is_floating_point():
-        y = y.to(dtype)
+    X = X.to(device=spec.device, dtype=dtype)  # the data follow the model
+    y = y.to(device=spec.device, dtype=dtype) if y.is_floating_point() else y.to(spec.device)
     opt = make_optimizer(cfg)
     state = opt.init_state(theta)
     n_steps = cfg.n_steps(len(X))

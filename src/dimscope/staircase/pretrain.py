@@ -196,10 +196,11 @@ def pretrain_first_layer(
     if method in ("decorrelate", "both") and steps > 0:
         params = [p for p in lin.parameters()]
         opt = torch.optim.Adam(params, lr=lr)
-        w = torch.as_tensor(q.weights, dtype=torch.float32)
-        x = q.points.to(lin.weight.device)
+        dev = lin.weight.device
+        w = torch.as_tensor(q.weights, dtype=torch.float32).to(dev)
+        x = q.points.to(dev)
         n = lin.out_features
-        eye = torch.eye(n)
+        eye = torch.eye(n, device=dev)
         act = model.get_submodule(hid_name) if hid_name != lin_name else nn.Identity()
         for _ in range(steps):
             opt.zero_grad(set_to_none=True)

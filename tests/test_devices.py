@@ -1,0 +1,205 @@
+"""The accelerator paths: the same numbers on CUDA as on the CPU.
+
+Each test runs on the CPU and, where a GPU is present, on CUDA. References are computed on the CPU
+in float64 by a separate route (numpy's eigvalsh, a CPU copy of the model, the CPU run), so the CPU
+case checks the reference and the CUDA case checks the device path against it. On a machine without
+CUDA the CUDA cases are skipped (CI has none; the closing notes record the runs on a GPU).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import dimscope
+from dimscope.capture import count_hooks, to_features
+from dimscope.metrics import compute_metrics
+from dimscope.spectrum import batch_spectra
+
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
+]
+CONTINUOUS = ["stable_rank", "participation_ratio", "effective_rank", "rankme", "nuclear_ratio"]
+
+
+def numpy_spectrum(X: torch.Tensor, center: bool) -> np.ndarray:
+    """Covariance eigenvalues, descending, by numpy on the d x d or n x n Gram matrix (float64)."""
+    A = X.detach().cpu().double().numpy()
+    if center:
+        A = A - A.mean(0)
+    n, d = A.shape
+    G = A @ A.T if n <= d else A.T @ A
+    ev = np.sort(np.linalg.eigvalsh(G))[::-1] / ((n - 1) if center else n)
+    m = min(n - 1, d) if center else min(n, d)
+    return np.clip(ev[:m], 0.0, None)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(50, 120), (300, 40)])  # n < d (n x n Gram) and n > d (d x d Gram)
+@pytest.mark.parametrize("center", [True, False])
+def test_spectrum_on_device_equals_numpy(device: str, shape: tuple[int, int], center: bool) -> None:
+    g = torch.Generator().manual_seed(1)
+    n, d = shape
+    scales = torch.logspace(0, -3, d)
+    X = (torch.randn(n, d, generator=g) * scales + 4.0).to(device)  # float32, a large mean
+    s = dimscope.spectrum(X, center=center)
+    want = numpy_spectrum(X, center)
+    assert isinstance(s.values, np.ndarray) and s.values.dtype == np.float64
+    assert (s.n_samples, s.n_features, s.centered) == (n, d, center)
+    np.testing.assert_allclose(s.values, want, rtol=0, atol=1e-9 * want[0])
+    np.testing.assert_allclose(s.values[:10], want[:10], rtol=1e-9)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_batch_spectra_and_weight_spectrum_on_device(device: str) -> None:
+    g = torch.Generator().manual_seed(2)
+    feats = [torch.randn(64, 32, generator=g).to(device) for _ in range(3)]
+    W = torch.randn(20, 7, 3, generator=g).to(device)  # a conv-like weight: reshaped to (20, 21)
+    out = batch_spectra([(f, True, True) for f in feats] + [(W, None, True)])
+    for f, s in zip(feats, out[:3]):
+        np.testing.assert_allclose(s.values, numpy_spectrum(f, True), rtol=1e-9, atol=1e-12)
+    sv = np.linalg.svd(W.cpu().double().reshape(20, -1).numpy(), compute_uv=False)
+    np.testing.assert_allclose(out[3].values, sv**2, rtol=1e-9)
+    np.testing.assert_allclose(dimscope.weight_spectrum(W).values, sv**2, rtol=1e-9)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: compares the CUDA rows with the CPU rows")
+def test_row_cap_picks_the_same_rows_on_cuda() -> None:
+    t = torch.randn(16, 50, 8, generator=torch.Generator().manual_seed(3))  # (B, T, D): 800 rows, capped at 100
+    cpu = to_features(t, max_rows=100, seed=5)
+    gpu = to_features(t.cuda(), max_rows=100, seed=5)
+    assert gpu.device.type == "cuda" and gpu.shape == (100, 8)
+    assert torch.equal(gpu.cpu(), cpu)
+
+
+def _mlp(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(12, 40), nn.ReLU(), nn.Linear(40, 24), nn.ReLU(inplace=True), nn.Linear(24, 3))
+
+
+def _reference(model: nn.Module, x: torch.Tensor, layers: list[str], metrics: list[str]) -> dict[tuple[str, str], float]:
+    """The values by hand on the CPU: float64 numpy spectra of a CPU copy's layer outputs, and its weights."""
+    cpu = copy.deepcopy(model).cpu().eval()
+    outs: dict[str, torch.Tensor] = {}
+    hooks = [cpu.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: outs.__setitem__(n, o.detach().clone())) for n in layers]
+    with torch.no_grad():
+        cpu(x.cpu())
+    for h in hooks:
+        h.remove()
+    ref = {}
+    for n in layers:
+        s = dimscope.Spectrum(numpy_spectrum(outs[n], True), x.shape[0], outs[n].shape[1], centered=True)
+        ref.update({(n, m): v for m, v in compute_metrics(s, metrics).items()})
+        sw = np.linalg.svd(cpu.get_submodule(n).weight.detach().double().numpy(), compute_uv=False) ** 2
+        w = dimscope.Spectrum(sw, *cpu.get_submodule(n).weight.shape, centered=False)
+        ref.update({(n, "weight/" + m): v for m, v in compute_metrics(w, metrics).items()})
+    return ref
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["probe", "batch"])
+@pytest.mark.parametrize("background", [False, True, "batched"])
+def test_tracker_on_device_matches_a_cpu_reference(device: str, mode: str, background: bool | str, tmp_path) -> None:
+    layers, every, metrics = ["0", "2", "4"], 3, CONTINUOUS
+    model = _mlp().to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(4)
+    probe = torch.randn(70, 12, generator=g)  # on the CPU: the tracker moves it to the model
+    batches = [(torch.randn(48, 12, generator=g).to(device), torch.randint(0, 3, (48,), generator=g).to(device)) for _ in range(8)]
+    refs: dict[int, dict[tuple[str, str], float]] = {}
+    hooks_before = count_hooks(model)
+    tracker = dimscope.Tracker(model, probe=probe if mode == "probe" else None, every=every, layers=layers, mode=mode,
+                               run=str(tmp_path / "run"), metrics=metrics, background=background, max_rows=None,
+                               weight_every=every)
+    model.train()
+    for step, (x, y) in enumerate(batches):
+        if mode == "batch" and step % every == 0:  # batch mode: this batch under the weights before the update
+            ref = _reference(model, x, layers, metrics)
+            refs[step] = {k: v for k, v in ref.items() if not k[1].startswith("weight/")}
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % every == 0:
+            ref = _reference(model, probe if mode == "probe" else x, layers, metrics)
+            refs[step] = {**refs.get(step, {}), **{k: v for k, v in ref.items() if mode == "probe" or k[1].startswith("weight/")}}
+        tracker.step(step, loss=loss.item())
+        assert model.training and torch.is_grad_enabled()
+    tracker.close()
+    assert count_hooks(model) == hooks_before
+    assert all(p.device.type == device for p in model.parameters())
+    df = dimscope.open_run(tmp_path / "run").scalars()
+    got = {}
+    for r in df.itertuples(index=False):
+        if r.space == "activation" and r.convention == f"{mode}/centered":
+            got[(int(r.step), r.layer, r.metric)] = float(r.value)
+        elif r.space == "weight":
+            got[(int(r.step), r.layer, "weight/" + r.metric)] = float(r.value)
+    assert sorted({k[0] for k in got}) == [0, 3, 6]
+    n = 0
+    for step, ref in refs.items():
+        for (layer, metric), v in ref.items():
+            # float32 forwards on the two devices differ by round-off; the spectra are float64 on both
+            assert got[(step, layer, metric)] == pytest.approx(v, rel=2e-5), (step, layer, metric)
+            n += 1
+    assert n == 3 * 3 * 2 * len(metrics)
+
+
+def _jacobian_problem(device: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double().to(device)
+    g = torch.Generator().manual_seed(1)
+    return model, torch.randn(32, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (32,), generator=g)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: compares the CUDA run with the CPU run")
+@pytest.mark.parametrize("method", ["mlp", "generic"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_training_jacobian_on_cuda_equals_the_cpu_run(method: str, optimizer: str) -> None:
+    from dimscope.jacobian import training_jacobian
+
+    kw = dict(optimizer=optimizer, lr=0.05, batch_size=8, epochs=2, dtype=torch.float64, method=method, shuffle=True)
+    model, X, y = _jacobian_problem("cpu")
+    ref = training_jacobian(model, X, y, **kw)
+    gpu_model = copy.deepcopy(model).cuda()
+    tj = training_jacobian(gpu_model, X, y, **kw)  # data on the CPU: moved to the model's device
+    assert tj.J.device.type == "cpu" and tj.theta_final.device.type == "cpu"
+    assert tj.method == ref.method
+    torch.testing.assert_close(tj.J, ref.J, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(tj.theta_final, ref.theta_final, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(tj.singular_values.numpy(), ref.singular_values.numpy(), rtol=1e-8)
+    assert tj.regions(0.1).counts == ref.regions(0.1).counts
+    assert next(gpu_model.parameters()).device.type == "cuda"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: compares the CUDA run with the CPU run")
+def test_matrix_free_estimates_on_cuda_equal_the_cpu_run() -> None:
+    from dimscope.jacobian import TrainConfig, UnrolledTraining
+    from dimscope.jacobian.matrix_free import bulk_size_slq, top_singular
+
+    cfg = TrainConfig(optimizer="adam", lr=0.02, batch_size=8, epochs=2)
+    model, X, y = _jacobian_problem("cpu")
+    runs = [UnrolledTraining(m, X, y, cfg, dtype=torch.float64) for m in (model, copy.deepcopy(model).cuda())]
+    tops = [top_singular(r, k=3, solver="arpack", tol=1e-10) for r in runs]
+    np.testing.assert_allclose(tops[1].values, tops[0].values, rtol=1e-7)
+    bulks = [bulk_size_slq(r, tau=0.1, probes=4, steps=20, seed=3) for r in runs]
+    assert bulks[1].bulk == pytest.approx(bulks[0].bulk, rel=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: compares the CUDA run with the CPU run")
+def test_first_layer_pretraining_and_eps_rank_on_cuda() -> None:
+    from dimscope.staircase.pretrain import pretrain_first_layer
+
+    torch.manual_seed(0)
+    cpu = nn.Sequential(nn.Linear(1, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 1))
+    gpu = copy.deepcopy(cpu).cuda()
+    res = [pretrain_first_layer(m, (-1.0, 1.0), method="both", steps=30, lr=1e-2, eps=1e-3) for m in (cpu, gpu)]
+    assert res[1].after == res[0].after and res[1].before == res[0].before
+    torch.testing.assert_close(gpu[0].weight.detach().cpu(), cpu[0].weight.detach(), rtol=1e-3, atol=1e-4)
+    assert res[1].losses[-1] == pytest.approx(res[0].losses[-1], rel=1e-3)
+    assert res[0].losses[-1] < res[0].losses[0]  # the decorrelation did something
