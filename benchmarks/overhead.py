@@ -154,6 +154,8 @@ class Job:
                 "probe-spectra50": dict(probe=self.probe, spectra_every=50),
                 # the defaults, computed on the measurement thread (background=True) instead of batched at commits
                 "probe-thread": dict(probe=self.probe, background=True),
+                # the defaults, batched at commits on the training thread (background="batched", the CPU's "auto")
+                "probe-batched": dict(probe=self.probe, background="batched"),
                 "batch": ndt_like,
             }[mode]
             tr = dimscope.Tracker(model, every=int(every), layers=LAYERS, run=str(self.tmp / f"{name.replace(':', '_')}_{time.time_ns()}"), **kw)
