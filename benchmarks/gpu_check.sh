@@ -4,6 +4,7 @@
 # Writes devices.log, overhead_cuda.txt, jacobian_cuda.txt and suite.log to OUTDIR (default .).
 set -uo pipefail
 out="${1:-.}"
+status=0
 cd "$(dirname "$0")/.."
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 python3 - <<'PY'
@@ -12,10 +13,11 @@ print("torch", torch.__version__, "CUDA", torch.version.cuda, "available:", torc
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
 PY
 echo "== CUDA cases of the tests"
-timeout 150 python3 -m pytest -q -p no:cacheprovider -rs tests/test_devices.py 2>&1 | tee "$out/devices.log"
+timeout 150 python3 -m pytest -q -p no:cacheprovider -rs tests/test_devices.py 2>&1 | tee "$out/devices.log" || status=1
 echo "== training overhead on the GPU"
-timeout 200 python3 benchmarks/overhead.py --device cuda --steps 1000 --repeats 3 2>&1 | tee "$out/overhead_cuda.txt"
+timeout 200 python3 benchmarks/overhead.py --device cuda --steps 1000 --repeats 3 2>&1 | tee "$out/overhead_cuda.txt" || status=1
 echo "== dense training Jacobian of the paper's setup on the GPU"
-timeout 120 python3 benchmarks/jacobian.py --device cuda --chunk 1024 --generic --generic-columns 64 2>&1 | tee "$out/jacobian_cuda.txt"
+timeout 120 python3 benchmarks/jacobian.py --device cuda --chunk 1024 --generic --generic-columns 64 2>&1 | tee "$out/jacobian_cuda.txt" || status=1
 echo "== the rest of the suite on this machine's Python and torch (CPU paths)"
-timeout 150 python3 -m pytest -q -p no:cacheprovider -n 8 tests 2>&1 | tee "$out/suite.log"
+timeout 150 python3 -m pytest -q -p no:cacheprovider -n 8 tests 2>&1 | tee "$out/suite.log" || status=1
+exit "$status"  # non-zero when any step failed or ran out of time

@@ -133,7 +133,9 @@ def main() -> None:
     print(f"paper setup: n = {n} parameters, 625 steps, {K} Jacobian columns, on {where}, load {os.getloadavg()}")
 
     peak0, peak0_cpu = matmul_peak(torch, args.threads, device=device)
-    print(f"float32 matmul peak (torch.mm 2048^3, best of 5): {peak0:.1f} GFLOP/s wall, {peak0_cpu:.1f} GFLOP per CPU-second")
+    mm = 8192 if device.type == "cuda" else 2048
+    print(f"float32 matmul peak (torch.mm {mm}^3, best of 5): {peak0:.1f} GFLOP/s wall, {peak0_cpu:.1f} GFLOP per CPU-second"
+          + (" (on a GPU the CPU-second figures count the host spinning in synchronize: read the wall figures)" if device.type == "cuda" else ""))
 
     # dimscope fast path
     t = time.perf_counter()

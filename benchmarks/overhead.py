@@ -137,6 +137,7 @@ class Job:
         self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-3)
         self.on_step = None
         self.close = lambda: None
+        self.drain = lambda: None  # waits for work a measurement thread still has queued
 
     def start(self) -> None:
         name, model = self.name, self.model
@@ -161,6 +162,8 @@ class Job:
             tr = dimscope.Tracker(model, every=int(every), layers=LAYERS, run=str(self.tmp / f"{name.replace(':', '_')}_{time.time_ns()}"), **kw)
             self.on_step = lambda s, l: tr.step(s, loss=l.item())
             self.close = tr.close
+            # a block's queued thread work is the block's own: else it runs in the next configuration's turn
+            self.drain = lambda: tr._worker.join() if tr._worker is not None else None
         elif name.startswith("minimal-batch"):
             tr = MinimalBatchTracker(model, int(name.split(":")[1]), str(self.tmp / f"minimal_{time.time_ns()}.db"))
             self.on_step = lambda s, l: (l.item(), tr.step(s))
@@ -201,6 +204,7 @@ def one_repeat(configs: list[str], batches, probe, tmp: Path, block: int, rng: r
                 jobs[c].start()
                 FIXED.setdefault(c, []).append(time.perf_counter() - t0)
             jobs[c].run(batches[a : a + block], a)
+            jobs[c].drain()
             if a + block >= len(batches):
                 sync()
                 t1 = time.perf_counter()

@@ -42,9 +42,11 @@ __all__ = [
 
 
 def evaluate(model: nn.Module, theta: torch.Tensor, X: torch.Tensor, y: torch.Tensor, loss: str = "cross_entropy") -> tuple[np.ndarray, np.ndarray]:
-    """(loss, accuracy) of parameters ``theta`` ((n,) or (P, n)) on (X, y); arrays of length P."""
+    """(loss, accuracy) of parameters ``theta`` ((n,) or (P, n)) on (X, y); arrays of length P.
+    Computed on the model's device (theta, X and y are moved there)."""
     spec = ParamSpec(model)
-    th = theta.reshape(-1, spec.n).to(X.dtype)
+    X, y = X.to(spec.device), y.to(spec.device)
+    th = theta.reshape(-1, spec.n).to(device=spec.device, dtype=X.dtype)
     with torch.no_grad():
         out = vmap(spec.forward, in_dims=(0, None))(th, X)  # (P, N, C)
         if loss == "mse":
@@ -53,7 +55,7 @@ def evaluate(model: nn.Module, theta: torch.Tensor, X: torch.Tensor, y: torch.Te
         else:
             lv = torch.stack([torch.nn.functional.cross_entropy(o, y) for o in out])
         acc = (out.argmax(-1) == y).double().mean(1)
-    return lv.double().numpy(), acc.numpy()
+    return lv.double().cpu().numpy(), acc.cpu().numpy()
 
 
 def perturbation_linearity(
@@ -68,7 +70,7 @@ def perturbation_linearity(
     th0, thf = tj.theta0.double(), tj.theta_final.double()
     pairs = [(int(i), float(e)) for i in indices for e in eps]
     Theta0 = torch.stack([th0 + e * Vh[i] for i, e in pairs]).to(tj.J.dtype)
-    final = functional_train(model, X, y, cfg, theta0=Theta0, dtype=tj.J.dtype, record=False).theta_final.double()
+    final = functional_train(model, X, y, cfg, theta0=Theta0, dtype=tj.J.dtype, record=False).theta_final.double().cpu()
     test_loss, test_acc = evaluate(model, final, X_test, y_test, loss=cfg.loss if isinstance(cfg.loss, str) else "cross_entropy")
     rows = []
     for r, (i, e) in enumerate(pairs):
@@ -85,13 +87,13 @@ def perturbation_linearity(
 def added_vector_kl(model: nn.Module, tj: TrainingJacobian, inputs: dict[str, torch.Tensor], indices: Sequence[int], *, batch: int = 64) -> pd.DataFrame:
     """Columns index, sigma and one per input set: ``max_x KL(p(x; theta_f) || p(x; theta_f + u_i))``."""
     spec = ParamSpec(model)
-    thf = tj.theta_final.double()
-    U = tj.U.double()
+    thf = tj.theta_final.double().to(spec.device)
+    U = tj.U.double().to(spec.device)
     idx = [int(i) for i in indices]
     out = {"index": idx, "sigma": tj.singular_values.double().numpy()[idx]}
     with torch.no_grad():
         for name, X in inputs.items():
-            X = X.double()
+            X = X.to(device=spec.device, dtype=torch.float64)
             logp0 = torch.log_softmax(spec.forward(thf, X), -1)
             res = []
             for s in range(0, len(idx), batch):
@@ -100,7 +102,7 @@ def added_vector_kl(model: nn.Module, tj: TrainingJacobian, inputs: dict[str, to
                 logp = torch.log_softmax(vmap(spec.forward, in_dims=(0, None))(Th, X), -1)
                 kl = (logp0.exp() * (logp0 - logp)).sum(-1)  # (P, N)
                 res.append(kl.max(1).values)
-            out[name] = torch.cat(res).numpy()
+            out[name] = torch.cat(res).cpu().numpy()
     return pd.DataFrame(out)
 
 
@@ -128,7 +130,7 @@ def restricted_training(
         raise ValueError("The 'cfg' parameter of restricted_training is required when the Jacobian has no config.")
     dtype = tj.J.dtype
     sigma = tj.singular_values.double().numpy()
-    Vh = tj.Vh.to(dtype)
+    Vh = tj.Vh.to(device=ParamSpec(model).device, dtype=dtype)  # the projections act where the training runs
     lossname = cfg.loss if isinstance(cfg.loss, str) else "cross_entropy"
     rows = []
     full = functional_train(model, X, y, cfg, theta0=tj.theta0, dtype=dtype, record=False).theta_final

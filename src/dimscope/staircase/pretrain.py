@@ -198,7 +198,7 @@ def pretrain_first_layer(
         opt = torch.optim.Adam(params, lr=lr)
         dev = lin.weight.device
         w = torch.as_tensor(q.weights, dtype=torch.float32).to(dev)
-        x = q.points.to(dev)
+        x = q.points.to(device=dev, dtype=lin.weight.dtype)
         n = lin.out_features
         eye = torch.eye(n, device=dev)
         act = model.get_submodule(hid_name) if hid_name != lin_name else nn.Identity()
