@@ -239,9 +239,10 @@ def test_jacobian_experiments_on_cuda_equal_the_cpu_run() -> None:
     Xte, yte = X[:12] + 0.1, y[:12]
     tj = training_jacobian(model, X, y, lr=0.05, batch_size=8, epochs=2, dtype=torch.float64)
     gpu = copy.deepcopy(model).cuda()
+    noise = torch.randn(6, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))  # the same inputs for both
     for f in (
         lambda m: perturbation_linearity(m, tj, X, y, Xte, yte, indices=[0, 5], eps=(1e-3, 1.0)),
-        lambda m: added_vector_kl(m, tj, {"test": Xte, "noise": torch.randn(6, 4, dtype=torch.float64)}, [0, 1, 7]),
+        lambda m: added_vector_kl(m, tj, {"test": Xte, "noise": noise}, [0, 1, 7]),
         lambda m: restricted_training(m, tj, X, y, Xte, yte, settings=[("bulk", 5, False), ("chaotic", 3, True)]),
     ):
         want, got = f(model), f(gpu)

@@ -612,10 +612,14 @@ def test_background_auto_batches_when_torch_uses_every_core(monkeypatch, tmp_pat
     assert tr._pending == [] and tr.latest[("0", "stable_rank")] > 1  # noqa: SLF001
     assert [r["step"] for r in tr.history if r["metric"] == "stable_rank" and r["layer"] == "0" and r["space"] == "activation"] == [0, 1, 2]
     tr.close()
+    # beside a GPU's training too: the thread cost 2.5-3x more there (benchmarks/results/overhead_h200.txt)
+    on_gpu = types.SimpleNamespace(_on_cpu=lambda: False)
+    assert dimscope.Tracker._resolve_background(on_gpu, "auto") == "batched"
     monkeypatch.setattr(tracker_module, "_usable_cores", lambda: torch.get_num_threads() + 2)
     tr = dimscope.Tracker(model, probe=probe)
     assert tr.background is True and not tr.batched and tr.step(0) is None
     tr.close()
+    assert dimscope.Tracker._resolve_background(on_gpu, "auto") == "thread"  # free cores: a thread, on any device
     tr = dimscope.Tracker(model, probe=probe, background=False)
     assert tr.step(0) is not None  # inline: step returns the values
     tr.close()

@@ -19,14 +19,14 @@ Where the work happens
 The training thread runs the probe forward and copies the features. The eigendecompositions,
 metrics and SQLite writes then run in one of three places (``background``):
 
-* ``"batched"`` (the default on a CPU whose cores torch already uses): measurements are buffered
+* ``"batched"`` (the default when torch already uses every CPU core): measurements are buffered
   and, at each commit (every ``commit_every`` measurements or ``commit_seconds``), their spectra
   are computed together by :func:`~dimscope.spectrum.batch_spectra` while training waits (float64
   Gram matrices by torch on training's threads, same-size eigendecompositions stacked and, when
   large, split over those threads) and written with one commit. A thread running beside training
   would stall torch's OpenMP workers, which spin on the other cores between ops; a burst at the
-  commit does not.
-* ``True`` (the default on an accelerator, or when torch leaves CPU cores free): one background
+  commit does not. That holds beside a GPU's training too (benchmarks/results/overhead_h200.txt).
+* ``True`` (the default when torch leaves CPU cores free): one background
   thread with a bounded queue, so a slow measurement applies back-pressure instead of growing memory.
 * ``False``: everything inline at the measured step, and :meth:`Tracker.step` returns the values.
 
@@ -360,8 +360,7 @@ class Tracker:
         Where the spectra are computed (see "Where the work happens" in the module docstring):
         ``True`` a background thread; ``False`` inline at each measured step (then :meth:`step`
         returns the values); ``"batched"`` buffered and computed together at each commit; ``"auto"``
-        (default) a thread when the model is on an accelerator or torch leaves CPU cores free,
-        else ``"batched"``.
+        (default) a thread when torch leaves CPU cores free, else ``"batched"`` (on a GPU too).
     overwrite:
         Start an existing run afresh instead of appending to it.
     commit_every, commit_seconds:
@@ -602,13 +601,14 @@ class Tracker:
         """``"thread"``, ``"inline"`` or ``"batched"``.
 
         ``"auto"`` uses a measurement thread only where it does not compete with training for
-        cores. On CPU, when torch already uses every core, its OpenMP workers spin between ops and
-        a second busy thread stalls them (measured in benchmarks/overhead.py); there the spectra
-        are batched instead.
+        cores. When torch already uses every core, its OpenMP workers spin between ops and a second
+        busy thread stalls them; there the spectra are batched instead. Measured by
+        benchmarks/overhead.py on 2 CPU cores and beside a GPU's training (an H200 with 16 cores:
+        every 5 steps the thread added +126 % where its work was counted in full; every 50 steps
+        +31 % against +10 % batched).
         """
         if background == "auto":
-            free_cores = torch.get_num_threads() < _usable_cores()
-            return "thread" if (not self._on_cpu()) or free_cores else "batched"
+            return "thread" if torch.get_num_threads() < _usable_cores() else "batched"
         if background == "batched":
             return "batched"
         if not isinstance(background, bool):
