@@ -211,3 +211,26 @@ def test_probe_split_identical_across_checkpoints(tmp_path, monkeypatch):
     for rows in seen:
         assert np.array_equal(rows, split.train)
     assert not set(split.train) & set(split.test)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_a_float32_probe_follows_a_series_loaded_in_another_dtype(tmp_path, dtype):
+    """CheckpointSeries(dtype=...) loads float64 / bfloat16 models; the float32 probe is cast to match,
+    and bfloat16 features reach the linear probes (numpy has no bfloat16)."""
+    _write_state_dicts(tmp_path, [0, 1], "pt")
+    series = CheckpointSeries(tmp_path, model_factory=small_mlp, dtype=dtype)
+    n = 40
+    X = torch.randn(n, 6, generator=torch.Generator().manual_seed(0))
+    y = (X[:, 0] > 0).long().numpy()
+    df = analyze_checkpoints(series, probe_inputs=X, layers=["0", "2"], targets=y, split=probe_split(n, 0.3, seed=1),
+                             metrics=["rankme"])
+    assert sorted(df["step"].unique()) == [0, 1]
+    for step in (0, 1):
+        model = series.load(step)
+        with torch.no_grad():
+            h = model[0](X.to(dtype)).double()
+        want = rankme(spectrum(h))
+        got = df[(df.step == step) & (df.layer == "0") & (df.metric == "rankme")]["value"].item()
+        assert got == pytest.approx(want, rel=1e-9)
+        acc = df[(df.step == step) & (df.layer == "0") & (df.metric == "probe_acc")]["value"].item()
+        assert 0.0 <= acc <= 1.0

@@ -252,3 +252,47 @@ def test_jacobian_experiments_on_cuda_equal_the_cpu_run() -> None:
                 np.testing.assert_allclose(got[c].to_numpy(), want[c].to_numpy(), rtol=1e-7, atol=1e-12, err_msg=c)
             else:
                 assert got[c].tolist() == want[c].tolist(), c
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_a_float32_probe_follows_the_models_device_and_dtype(device: str, dtype: torch.dtype) -> None:
+    model = _mlp().to(device=device, dtype=dtype)
+    probe = torch.randn(60, 12, generator=torch.Generator().manual_seed(6))  # float32, on the CPU
+    with dimscope.Tracker(model, probe=probe, every=1, layers=["0", "2"], background=False, weight_metrics=False,
+                          metrics=["stable_rank", "participation_ratio"]) as tr:
+        got = tr.step(0)
+    outs: dict[str, torch.Tensor] = {}
+    with torch.no_grad(), dimscope.capture(model.eval(), ["0", "2"], clone=True) as cap:
+        model(probe.to(device=device, dtype=dtype))  # what the user would have had to write
+        outs = dict(cap.outputs)
+    for layer in ("0", "2"):
+        assert outs[layer].dtype == dtype
+        s = numpy_spectrum(outs[layer].double(), True)
+        assert got[(layer, "stable_rank")] == pytest.approx(s.sum() / s[0], rel=1e-9)
+        assert got[(layer, "participation_ratio")] == pytest.approx(s.sum() ** 2 / (s**2).sum(), rel=1e-9)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_corruptions_keep_the_datas_device(device: str) -> None:
+    from dimscope.experiments._training import input_noise, label_noise
+
+    x, y = torch.zeros(400, 3, device=device), torch.zeros(400, dtype=torch.long, device=device)
+    g = torch.Generator().manual_seed(0)
+    _, y2 = label_noise(1.0, 4)(x, y, 0, g)
+    x2, _ = input_noise(0.5)(x, y, 0, g)
+    assert y2.device.type == device and x2.device.type == device and y2.dtype == torch.long
+    assert set(y2.unique().tolist()) == {0, 1, 2, 3}  # every label redrawn uniformly
+    assert x2.std().item() == pytest.approx(0.5, rel=0.1)
+
+
+def test_bfloat16_features_reach_the_linear_probes() -> None:
+    from dimscope.experiments.formation import ridge_decodability
+    from dimscope.probes import LinearProbe
+
+    g = torch.Generator().manual_seed(3)
+    y = torch.randint(0, 2, (80,), generator=g)
+    X = (torch.randn(80, 6, generator=g) + 3.0 * y[:, None]).to(torch.bfloat16)  # separable
+    probe = LinearProbe(kind="ridge", alpha=1e-3).fit(X, y)
+    assert probe.score(X, y) > 0.95
+    assert np.all(ridge_decodability(X, y, 2) > 0.95)

@@ -33,6 +33,12 @@ def _worker(rank: int, world: int, tmp: str) -> None:
         model = mlp(seed=0, hidden=HIDDEN)
         with pytest.raises(ValueError, match=r"at least one sample per rank \(world size 2\). Got 1 samples"):
             DistributedTracker(model, probe=torch.randn(1, 12))
+        # extensions that need the whole probe in one process are refused on every rank
+        from dimscope.experiments.formation import FormationMap
+        from dimscope.transitions.noise import NoiseFloor
+
+        with pytest.raises(ValueError, match=r"cannot hold \['noise_floor', 'formation'\]: they measure the whole probe"):
+            DistributedTracker(model, probe=_probe(), extensions=[NoiseFloor(every=2), FormationMap(torch.zeros(PROBE_N, dtype=torch.long))])
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
         g = torch.Generator().manual_seed(100 + rank)  # each rank its own data

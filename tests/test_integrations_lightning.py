@@ -93,6 +93,23 @@ def test_lightning_callback_default_run_dir_and_bad_every(tmp_path):
     assert run.layers == ["net.0", "net.2", "net.4"]
 
 
+@pytest.mark.parametrize("precision", ["64-true", "bf16-true"])
+def test_lightning_true_precision_casts_the_probe_like_the_model(tmp_path, precision):
+    """Lightning converts the module and the training batches, not the callback's float32 probe:
+    the probe is cast to the module's dtype (it failed with 'mat1 and mat2 must have the same dtype')."""
+    module = Tiny()
+    probe = torch.randn(24, 12, generator=torch.Generator().manual_seed(2))
+    cb = DimscopeCallback(probe=probe, every=2, layers=["net.0"], run=tmp_path / "run", measure_at_start=False)
+    _trainer(tmp_path, cb, max_steps=2, precision=precision).fit(module, _loader())
+    dtype = {"64-true": torch.float64, "bf16-true": torch.bfloat16}[precision]
+    assert module.net[0].weight.dtype == dtype
+    with torch.no_grad():
+        h = module.net[0](probe.to(dtype)).double()  # the weights after step 2, where it was measured
+    sr = dimscope.open_run(tmp_path / "run").metric("stable_rank", "net.0")
+    s = dimscope.spectrum(h)
+    assert sr.index.tolist() == [2] and sr[2] == pytest.approx(s.values.sum() / s.values[0], rel=1e-9)
+
+
 def test_lightning_loss_of_a_short_accumulation_window(tmp_path):
     """7 batches per epoch, 2 per step: the 4th optimizer step has one batch; its loss is that batch's loss."""
     module = Tiny()

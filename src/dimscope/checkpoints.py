@@ -418,10 +418,10 @@ def analyze_checkpoints(
     conv = CHECKPOINT_CONVENTION
 
     def default_features(model: nn.Module) -> tuple[dict[str, torch.Tensor], Any]:
-        from .tracker import _call
+        from .tracker import _call, _probe_len, _slice_probe, input_placement
 
-        with torch.no_grad(), capture(model, layers) as cap:
-            out = _call(model, probe_inputs)
+        with torch.no_grad(), capture(model, layers) as cap:  # the inputs follow the model's device and dtype
+            out = _call(model, _slice_probe(probe_inputs, 0, _probe_len(probe_inputs), *input_placement(model)))
         return {n: to_features(t, max_rows=max_rows) for n, t in cap.outputs.items()}, out
 
     feat_fn = features or default_features
@@ -466,7 +466,7 @@ def analyze_checkpoints(
             if y is not None:
                 if len(X) != len(y):
                     raise ValueError(f"Layer {name!r} gives {len(X)} feature rows but 'targets' has {len(y)}; they must match.")
-                Xn = X.detach().cpu().numpy()
+                Xn = X.detach().to("cpu", torch.float64).numpy()  # numpy has no bfloat16
                 probe = LinearProbe(kind=probe_kind, alpha=probe_alpha).fit(Xn[split.train], y[split.train])
                 rows.append((step, now, name, "probe_acc", probe.score(Xn[split.test], y[split.test]), "activation", conv))
                 rows.append((step, now, name, "probe_train_acc", probe.score(Xn[split.train], y[split.train]), "activation", conv))

@@ -77,7 +77,8 @@ def probe_split(n: int, test_fraction: float = 0.3, seed: int = 0, stratify: Any
 
 def _as_np(X: Any) -> np.ndarray:
     if isinstance(X, torch.Tensor):
-        X = X.detach().cpu().numpy()
+        X = X.detach().cpu()
+        X = (X.to(torch.float64) if X.is_floating_point() else X).numpy()  # numpy has no bfloat16
     return np.asarray(X)
 
 

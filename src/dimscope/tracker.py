@@ -120,6 +120,10 @@ class TrackerExtension:
     def close(self, tracker: Tracker) -> None:  # noqa: D102
         pass
 
+    #: True for an extension that measures the whole probe in one process (its own forward passes or
+    #: spectra): it cannot run beside a DistributedTracker whose ranks each hold a share of the probe.
+    needs_whole_probe = False
+
 
 _EXTENSION_METHODS = ("setup", "on_step", "on_features", "on_metrics", "close")
 
@@ -155,11 +159,28 @@ def _probe_hash(probe: Any) -> str:
     return h.hexdigest()[:16]
 
 
-def _slice_probe(probe: Any, a: int, b: int, device: torch.device | None) -> Any:
+def input_placement(model: nn.Module) -> tuple[torch.device | None, torch.dtype | None]:
+    """Where the model's inputs go: the device of its first parameter, and the dtype of its first
+    floating-point parameter (a probe given in float32 to a bfloat16 or float64 model is cast; under
+    autocast the parameters stay float32 and so does the probe)."""
+    device: torch.device | None = None
+    for p in model.parameters():
+        if device is None:
+            device = p.device
+        if p.is_floating_point():
+            return device, p.dtype
+    return device, None
+
+
+def _slice_probe(probe: Any, a: int, b: int, device: torch.device | None, dtype: torch.dtype | None = None) -> Any:
+    """Rows a:b of every tensor of the probe, moved to ``device``; floating-point ones cast to ``dtype``."""
     def mv(t: Any) -> Any:
         if isinstance(t, torch.Tensor):
             t = t[a:b]
-            return t.to(device) if device is not None else t
+            kw: dict[str, Any] = {} if device is None else {"device": device}
+            if dtype is not None and t.is_floating_point():
+                kw["dtype"] = dtype
+            return t.to(**kw) if kw else t
         return t
 
     if isinstance(probe, torch.Tensor):
@@ -202,12 +223,10 @@ def probe_forward(
     model: nn.Module, probe: Any, layers: Sequence[str], *, batch_size: int | None = None
 ) -> dict[str, torch.Tensor]:
     """The outputs of ``layers`` on the probe inputs: eval mode, ``torch.no_grad()``, in chunks of
-    ``batch_size`` inputs, concatenated along the batch; every module's train/eval flag is restored."""
+    ``batch_size`` inputs, concatenated along the batch; every module's train/eval flag is restored.
+    The inputs go to the model's device and floating-point ones to its dtype (:func:`input_placement`)."""
     flags = [(m, m.training) for m in model.modules()]
-    try:
-        device: torch.device | None = next(model.parameters()).device
-    except StopIteration:
-        device = None
+    device, dtype = input_placement(model)
     n = _probe_len(probe)
     bs = batch_size or n
     chunks: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
@@ -217,7 +236,7 @@ def probe_forward(
         with torch.no_grad(), capture(model, layers, clone=True) as cap:
             for a in range(0, n, bs):
                 cap.clear()
-                _call(model, _slice_probe(probe, a, min(a + bs, n), device))
+                _call(model, _slice_probe(probe, a, min(a + bs, n), device, dtype))
                 for name in layers:
                     if name in cap.outputs:
                         chunks[name].append(cap.outputs[name])
@@ -311,6 +330,8 @@ class Tracker:
         The ``nn.Module`` being trained.
     probe:
         The fixed probe inputs (tensor, tuple of tensors, or dict of tensors), required in probe mode.
+        At each measurement they go to the model's device, and floating-point ones to the dtype of
+        its first floating-point parameter (a float32 probe for a bfloat16 or float64 model).
     every:
         Measure when ``step % every == 0``.
     layers:

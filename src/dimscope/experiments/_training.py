@@ -166,9 +166,9 @@ def label_noise(fraction: float, n_classes: int) -> Corruption:
     n_classes = check_int(n_classes, "n_classes", min_value=2, owner="label_noise")
 
     def corrupt(x: torch.Tensor, y: torch.Tensor, step: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        flip = torch.rand(len(y), generator=g) < fraction
+        flip = torch.rand(len(y), generator=g) < fraction  # drawn on the CPU (reproducible anywhere), used where y is
         rand = torch.randint(0, n_classes, (len(y),), generator=g)
-        return x, torch.where(flip, rand, y)
+        return x, torch.where(flip.to(y.device), rand.to(device=y.device, dtype=y.dtype), y)
 
     return corrupt
 
@@ -178,6 +178,6 @@ def input_noise(sigma: float) -> Corruption:
     sigma = check_float(sigma, "strength", low=0.0, owner="input_noise")
 
     def corrupt(x: torch.Tensor, y: torch.Tensor, step: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        return x + sigma * torch.randn(x.shape, generator=g, dtype=x.dtype), y
+        return x + sigma * torch.randn(x.shape, generator=g, dtype=x.dtype).to(x.device), y
 
     return corrupt

@@ -78,7 +78,7 @@ def ridge_decodability(
     """
     from sklearn.model_selection import StratifiedKFold
 
-    X = np.asarray(X.detach().cpu() if isinstance(X, torch.Tensor) else X, dtype=np.float64)
+    X = np.asarray(X.detach().to("cpu", torch.float64) if isinstance(X, torch.Tensor) else X, dtype=np.float64)
     y = np.asarray(y.detach().cpu() if isinstance(y, torch.Tensor) else y).astype(int)
     if X.ndim != 2 or len(X) != len(y):
         raise ValueError(f"ridge_decodability needs X of shape (n, d) and n labels. Got X {X.shape} and {len(y)} labels.")
@@ -151,6 +151,7 @@ class FormationMap(TrackerExtension):
     """
 
     name = "formation"
+    needs_whole_probe = True  # one label per probe input, and its own probe forward
 
     def __init__(
         self,
@@ -182,7 +183,8 @@ class FormationMap(TrackerExtension):
         owner = "FormationMap"
         if tracker.probe is None:
             raise ValueError("FormationMap needs a Tracker with a probe set (probe mode); got a Tracker without 'probe'.")
-        y = torch.as_tensor(np.asarray(self.labels)).long().reshape(-1)
+        labels = self.labels.detach().cpu() if isinstance(self.labels, torch.Tensor) else np.asarray(self.labels)
+        y = torch.as_tensor(labels).long().reshape(-1)
         n = _probe_len(tracker.probe)
         if len(y) != n:
             raise ValueError(f"The 'labels' parameter of FormationMap must hold one label per probe input ({n}). Got {len(y)}.")

@@ -105,6 +105,13 @@ class DistributedTracker(Tracker):
         if self.distributed and max_rows is not None:
             max_rows = max(2, max_rows // self.world_size)
         is_zero = self.rank == 0
+        whole = [getattr(e, "name", type(e).__name__) for e in extensions if getattr(e, "needs_whole_probe", False)]
+        if self.distributed and self.world_size > 1 and whole:  # checked on every rank: all of them stop
+            raise ValueError(
+                f"The 'extensions' parameter of DistributedTracker cannot hold {whole}: they measure the whole probe in "
+                f"one process, and here each of the {self.world_size} ranks holds a share of it. Run them with a "
+                "single-process Tracker (an evaluation job, say)."
+            )
         if self.distributed and probe is not None and _probe_len(probe) < self.world_size:
             raise ValueError(
                 f"The 'probe' parameter of DistributedTracker must hold at least one sample per rank "

@@ -52,6 +52,7 @@ class NoiseFloor(TrackerExtension):
     """
 
     name = "noise_floor"
+    needs_whole_probe = True  # bootstraps the probe rows: one process must hold them all
 
     def __init__(self, steps: Iterable[int] | None = None, every: int | None = None, n_boot: int = 30, seed: int = 0) -> None:
         self.steps = None if steps is None else sorted({check_int(s, "steps", min_value=0, owner="NoiseFloor") for s in steps})
