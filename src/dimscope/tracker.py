@@ -159,6 +159,9 @@ def _probe_hash(probe: Any) -> str:
     return h.hexdigest()[:16]
 
 
+_INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def input_placement(model: nn.Module) -> tuple[torch.device | None, torch.dtype | None]:
     """Where the model's inputs go: the device of its first parameter, and the dtype of its first
     floating-point parameter (a probe given in float32 to a bfloat16 or float64 model is cast; under
@@ -167,8 +170,8 @@ def input_placement(model: nn.Module) -> tuple[torch.device | None, torch.dtype 
     for p in model.parameters():
         if device is None:
             device = p.device
-        if p.is_floating_point():
-            return device, p.dtype
+        if p.is_floating_point():  # float8 weights (quantised storage) say nothing of what the inputs are
+            return device, p.dtype if p.dtype in _INPUT_DTYPES else None
     return device, None
 
 
