@@ -234,3 +234,35 @@ def test_a_float32_probe_follows_a_series_loaded_in_another_dtype(tmp_path, dtyp
         assert got == pytest.approx(want, rel=1e-9)
         acc = df[(df.step == step) & (df.layer == "0") & (df.metric == "probe_acc")]["value"].item()
         assert 0.0 <= acc <= 1.0
+
+
+class _TwoViews(nn.Module):
+    """Takes a list of two views, or a graph-like dict whose tensors have different first dimensions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, 8)
+
+    def forward(self, views=None, *, x=None, edge_index=None):
+        if views is not None:
+            return self.lin(views[0]) + self.lin(views[1])
+        return self.lin(x) + edge_index.shape[1]
+
+
+def test_probe_inputs_of_other_shapes_reach_the_model_as_given(tmp_path):
+    """A list probe stays one list argument, and a dict whose tensors differ in length is not cut."""
+    for s in (0, 1):
+        torch.manual_seed(s)
+        torch.save(_TwoViews().state_dict(), tmp_path / f"step_{s}.pt")
+    series = CheckpointSeries(tmp_path, model_factory=_TwoViews)
+    g = torch.Generator().manual_seed(0)
+    views = [torch.randn(30, 6, generator=g), torch.randn(30, 6, generator=g)]
+    graph = {"x": torch.randn(30, 6, generator=g), "edge_index": torch.randint(0, 30, (2, 90), generator=g)}
+    for probe, rows in ((views, 30), (graph, 30)):
+        df = analyze_checkpoints(series, probe_inputs=probe, layers=["lin"], metrics=["rankme"])
+        model = series.load(1)
+        with torch.no_grad():
+            h = model.lin(graph["x"] if probe is graph else views[1])  # the layer's last call
+        assert h.shape[0] == rows
+        got = df[(df.step == 1) & (df.layer == "lin") & (df.metric == "rankme")]["value"].item()
+        assert got == pytest.approx(rankme(spectrum(h)), rel=1e-9)

@@ -261,7 +261,8 @@ def test_a_float32_probe_follows_the_models_device_and_dtype(device: str, dtype:
     probe = torch.randn(60, 12, generator=torch.Generator().manual_seed(6))  # float32, on the CPU
     with dimscope.Tracker(model, probe=probe, every=1, layers=["0", "2"], background=False, weight_metrics=False,
                           metrics=["stable_rank", "participation_ratio"]) as tr:
-        got = tr.step(0)
+        with pytest.warns(UserWarning, match=f"cast to {dtype} for this model"):
+            got = tr.step(0)
     outs: dict[str, torch.Tensor] = {}
     with torch.no_grad(), dimscope.capture(model.eval(), ["0", "2"], clone=True) as cap:
         model(probe.to(device=device, dtype=dtype))  # what the user would have had to write
@@ -296,3 +297,60 @@ def test_bfloat16_features_reach_the_linear_probes() -> None:
     probe = LinearProbe(kind="ridge", alpha=1e-3).fit(X, y)
     assert probe.score(X, y) > 0.95
     assert np.all(ridge_decodability(X, y, 2) > 0.95)
+
+
+class _MixedPrecision(nn.Module):
+    """A float64 scalar registered first, a float32 body: the first floating parameter is not the input's dtype."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log_temperature = nn.Parameter(torch.zeros((), dtype=torch.float64))
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Linear(12, 20), nn.Tanh(), nn.Linear(20, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x) * self.log_temperature.exp().float()
+
+
+class _TimeEmbedded(nn.Module):
+    """bfloat16 weights; the float32 input is embedded in float32 first (as diffusion models do with
+    timesteps): casting the input to bfloat16 first would change it (983 -> 984)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(8, 16).to(torch.bfloat16)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        emb = torch.sin(t[:, :1] * torch.arange(1, 9, dtype=t.dtype, device=t.device) / 100.0)
+        return self.lin(emb.to(self.lin.weight.dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("make,layer", [(_MixedPrecision, "body.0"), (_TimeEmbedded, "lin")])
+def test_a_model_that_takes_the_probe_as_given_gets_it_unchanged(device: str, make, layer: str) -> None:
+    import warnings as _w
+
+    model = make().to(device)
+    probe = torch.arange(900.0, 1000.0).reshape(-1, 1).repeat(1, 12)  # float32 values that bfloat16 would round
+    with _w.catch_warnings():
+        _w.simplefilter("error")  # no cast, so no warning
+        with dimscope.Tracker(model, probe=probe, every=1, layers=[layer], background=False, weight_metrics=False,
+                              metrics=["stable_rank"]) as tr:
+            got = tr.step(0)[(layer, "stable_rank")]
+    with torch.no_grad(), dimscope.capture(model.eval(), [layer], clone=True) as cap:
+        model(probe.to(device))
+        s = numpy_spectrum(cap.outputs[layer].double(), True)
+    assert got == pytest.approx(s.sum() / s[0], rel=1e-9)
+
+
+def test_formation_map_takes_labels_that_numpy_cannot_read_directly() -> None:
+    from dimscope.experiments.formation import FormationMap
+
+    model = _mlp()
+    probe = torch.randn(30, 12, generator=torch.Generator().manual_seed(1))
+    labels = (probe[:, 0] > 0).float().requires_grad_()  # as a tensor fresh from a model would be (or on CUDA)
+    ext = FormationMap(labels, every=1)
+    with dimscope.Tracker(model, probe=probe, every=1, layers=["0"], background=False, extensions=[ext]) as tr:
+        tr.step(0)
+    assert ext.y_.tolist() == (probe[:, 0] > 0).long().tolist()

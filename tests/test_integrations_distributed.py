@@ -39,6 +39,10 @@ def _worker(rank: int, world: int, tmp: str) -> None:
 
         with pytest.raises(ValueError, match=r"cannot hold \['noise_floor', 'formation'\]: they measure the whole probe"):
             DistributedTracker(model, probe=_probe(), extensions=[NoiseFloor(every=2), FormationMap(torch.zeros(PROBE_N, dtype=torch.long))])
+        later = DistributedTracker(model, probe=_probe())
+        with pytest.raises(ValueError, match=r"cannot hold \['noise_floor'\]"):
+            later.add_extension(NoiseFloor(every=2))  # added later: refused too
+        later.close()
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
         g = torch.Generator().manual_seed(100 + rank)  # each rank its own data
@@ -175,6 +179,10 @@ def _fsdp_worker(rank: int, world: int, tmp: str) -> None:
             warnings.simplefilter("always")
             tracker = DistributedTracker(model, probe=_probe(), every=1, layers=["0", "2"], run=f"{tmp}/run", max_rows=None)
         assert any("parameters are sharded" in str(w.message) for w in caught)
+        from dimscope.staircase.epsrank import FunctionSpaceEpsRank
+
+        with pytest.raises(ValueError, match=r"cannot hold \['function_eps_rank'\] when the model's parameters are sharded"):
+            tracker.add_extension(FunctionSpaceEpsRank(torch.randn(8, 12), layers=["0"]))  # refused on every rank
         g = torch.Generator().manual_seed(100 + rank)
         for step in range(2):
             loss = model(torch.randn(16, 12, generator=g)).pow(2).mean()

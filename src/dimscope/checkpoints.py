@@ -418,10 +418,10 @@ def analyze_checkpoints(
     conv = CHECKPOINT_CONVENTION
 
     def default_features(model: nn.Module) -> tuple[dict[str, torch.Tensor], Any]:
-        from .tracker import _call, _probe_len, _slice_probe, input_placement
+        from .tracker import call_on_probe, input_placement
 
-        with torch.no_grad(), capture(model, layers) as cap:  # the inputs follow the model's device and dtype
-            out = _call(model, _slice_probe(probe_inputs, 0, _probe_len(probe_inputs), *input_placement(model)))
+        with torch.no_grad(), capture(model, layers) as cap:  # the inputs follow the model's device (and dtype)
+            out = call_on_probe(model, probe_inputs, *input_placement(model))
         return {n: to_features(t, max_rows=max_rows) for n, t in cap.outputs.items()}, out
 
     feat_fn = features or default_features

@@ -46,6 +46,7 @@ import queue
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -123,6 +124,9 @@ class TrackerExtension:
     #: True for an extension that measures the whole probe in one process (its own forward passes or
     #: spectra): it cannot run beside a DistributedTracker whose ranks each hold a share of the probe.
     needs_whole_probe = False
+    #: True for an extension that runs the model's forward itself (on rank 0 only, beside a
+    #: DistributedTracker): refused there when the parameters are sharded.
+    runs_own_forward = False
 
 
 _EXTENSION_METHODS = ("setup", "on_step", "on_features", "on_metrics", "close")
@@ -164,8 +168,8 @@ _INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def input_placement(model: nn.Module) -> tuple[torch.device | None, torch.dtype | None]:
     """Where the model's inputs go: the device of its first parameter, and the dtype of its first
-    floating-point parameter (a probe given in float32 to a bfloat16 or float64 model is cast; under
-    autocast the parameters stay float32 and so does the probe)."""
+    floating-point parameter (the dtype a probe is cast to when the forward fails as given, see
+    :func:`call_on_probe`; under autocast the parameters stay float32)."""
     device: torch.device | None = None
     for p in model.parameters():
         if device is None:
@@ -175,15 +179,12 @@ def input_placement(model: nn.Module) -> tuple[torch.device | None, torch.dtype 
     return device, None
 
 
-def _slice_probe(probe: Any, a: int, b: int, device: torch.device | None, dtype: torch.dtype | None = None) -> Any:
-    """Rows a:b of every tensor of the probe, moved to ``device``; floating-point ones cast to ``dtype``."""
+def _slice_probe(probe: Any, a: int, b: int, device: torch.device | None) -> Any:
+    """Rows a:b of every tensor of the probe, moved to ``device``."""
     def mv(t: Any) -> Any:
         if isinstance(t, torch.Tensor):
             t = t[a:b]
-            kw: dict[str, Any] = {} if device is None else {"device": device}
-            if dtype is not None and t.is_floating_point():
-                kw["dtype"] = dtype
-            return t.to(**kw) if kw else t
+            return t.to(device) if device is not None else t
         return t
 
     if isinstance(probe, torch.Tensor):
@@ -191,6 +192,64 @@ def _slice_probe(probe: Any, a: int, b: int, device: torch.device | None, dtype:
     if isinstance(probe, Mapping):
         return {k: mv(v) for k, v in probe.items()}
     return tuple(mv(v) for v in probe)
+
+
+def place_inputs(inputs: Any, device: torch.device | None, dtype: torch.dtype | None = None) -> Any:
+    """``inputs`` with every tensor (also inside dicts, tuples and lists) moved to ``device`` and,
+    with ``dtype``, every floating-point one cast to it; anything else as it is."""
+    if isinstance(inputs, torch.Tensor):
+        kw: dict[str, Any] = {} if device is None else {"device": device}
+        if dtype is not None and inputs.is_floating_point():
+            kw["dtype"] = dtype
+        return inputs.to(**kw) if kw else inputs
+    if isinstance(inputs, Mapping):
+        return {k: place_inputs(v, device, dtype) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(place_inputs(v, device, dtype) for v in inputs)
+    return inputs
+
+
+def _floats_differ(inputs: Any, dtype: torch.dtype | None) -> bool:
+    if dtype is None:
+        return False
+    if isinstance(inputs, torch.Tensor):
+        return inputs.is_floating_point() and inputs.dtype != dtype
+    if isinstance(inputs, Mapping):
+        return any(_floats_differ(v, dtype) for v in inputs.values())
+    if isinstance(inputs, (tuple, list)):
+        return any(_floats_differ(v, dtype) for v in inputs)
+    return False
+
+
+_CAST_MODELS: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # models whose probe forward needed the cast
+
+
+def call_on_probe(model: nn.Module, inputs: Any, device: torch.device | None, dtype: torch.dtype | None) -> Any:
+    """``model(inputs)`` with the inputs on ``device``. Floating-point inputs are cast to ``dtype``
+    (the model's, :func:`input_placement`) only when the forward fails with them as given (a float32
+    probe for a bfloat16 or float64 model): a model that takes them as they are (mixed precision,
+    inputs it casts itself) gets them unchanged. The cast, once needed, is remembered for the model
+    and reported once with a warning."""
+    if model in _CAST_MODELS:
+        return _call(model, place_inputs(inputs, device, dtype))
+    placed = place_inputs(inputs, device)
+    try:
+        return _call(model, placed)
+    except RuntimeError as e:
+        if not _floats_differ(placed, dtype):
+            raise
+        try:
+            out = _call(model, place_inputs(placed, None, dtype))
+        except Exception:
+            raise e from None
+        _CAST_MODELS.add(model)
+        warnings.warn(
+            f"dimscope: the probe's floating-point tensors are cast to {dtype} for this model, whose forward failed "
+            f"with them as given: {str(e).splitlines()[0]}",
+            UserWarning,
+            stacklevel=3,
+        )
+        return out
 
 
 def _token_mask(probe: Any, key: str | None, model: nn.Module) -> torch.Tensor | None:
@@ -227,7 +286,7 @@ def probe_forward(
 ) -> dict[str, torch.Tensor]:
     """The outputs of ``layers`` on the probe inputs: eval mode, ``torch.no_grad()``, in chunks of
     ``batch_size`` inputs, concatenated along the batch; every module's train/eval flag is restored.
-    The inputs go to the model's device and floating-point ones to its dtype (:func:`input_placement`)."""
+    The inputs go to the model's device, and to its dtype when it needs that (:func:`call_on_probe`)."""
     flags = [(m, m.training) for m in model.modules()]
     device, dtype = input_placement(model)
     n = _probe_len(probe)
@@ -239,7 +298,7 @@ def probe_forward(
         with torch.no_grad(), capture(model, layers, clone=True) as cap:
             for a in range(0, n, bs):
                 cap.clear()
-                _call(model, _slice_probe(probe, a, min(a + bs, n), device, dtype))
+                call_on_probe(model, _slice_probe(probe, a, min(a + bs, n), None), device, dtype)
                 for name in layers:
                     if name in cap.outputs:
                         chunks[name].append(cap.outputs[name])
@@ -333,8 +392,9 @@ class Tracker:
         The ``nn.Module`` being trained.
     probe:
         The fixed probe inputs (tensor, tuple of tensors, or dict of tensors), required in probe mode.
-        At each measurement they go to the model's device, and floating-point ones to the dtype of
-        its first floating-point parameter (a float32 probe for a bfloat16 or float64 model).
+        At each measurement they go to the model's device; floating-point ones are cast to the
+        dtype of its first floating-point parameter only if the forward fails without (a float32
+        probe for a bfloat16 or float64 model), with a warning.
     every:
         Measure when ``step % every == 0``.
     layers:

@@ -152,6 +152,7 @@ class FormationMap(TrackerExtension):
 
     name = "formation"
     needs_whole_probe = True  # one label per probe input, and its own probe forward
+    runs_own_forward = True
 
     def __init__(
         self,

@@ -105,19 +105,13 @@ class DistributedTracker(Tracker):
         if self.distributed and max_rows is not None:
             max_rows = max(2, max_rows // self.world_size)
         is_zero = self.rank == 0
-        whole = [getattr(e, "name", type(e).__name__) for e in extensions if getattr(e, "needs_whole_probe", False)]
-        if self.distributed and self.world_size > 1 and whole:  # checked on every rank: all of them stop
-            raise ValueError(
-                f"The 'extensions' parameter of DistributedTracker cannot hold {whole}: they measure the whole probe in "
-                f"one process, and here each of the {self.world_size} ranks holds a share of it. Run them with a "
-                "single-process Tracker (an evaluation job, say)."
-            )
         if self.distributed and probe is not None and _probe_len(probe) < self.world_size:
             raise ValueError(
                 f"The 'probe' parameter of DistributedTracker must hold at least one sample per rank "
                 f"(world size {self.world_size}). Got {_probe_len(probe)} samples."
             )
         self.sharded_parameters = _has_sharded_parameters(model)
+        self._check_extensions(extensions)  # on every rank, before any collective: all of them stop
         if self.sharded_parameters:
             for flag in ("weight_metrics", "grad_norm"):
                 if kwargs.get(flag, flag == "weight_metrics"):
@@ -154,6 +148,31 @@ class DistributedTracker(Tracker):
                 }
             )
             self.store.commit()
+
+    def _check_extensions(self, extensions: Sequence[TrackerExtension]) -> None:
+        """Extensions run on rank 0 only: refuse those whose work would need the other ranks."""
+        def named(flag: str) -> list[str]:
+            return [getattr(e, "name", type(e).__name__) for e in extensions if getattr(e, flag, False)]
+
+        if not (self.distributed and self.world_size > 1):
+            return
+        if named("needs_whole_probe"):
+            raise ValueError(
+                f"The 'extensions' parameter of DistributedTracker cannot hold {named('needs_whole_probe')}: they measure the "
+                f"whole probe in one process, and here each of the {self.world_size} ranks holds a share of it. Run them "
+                "with a single-process Tracker (an evaluation job, say)."
+            )
+        if self.sharded_parameters and named("runs_own_forward"):
+            raise ValueError(
+                f"The 'extensions' parameter of DistributedTracker cannot hold {named('runs_own_forward')} when the "
+                "model's parameters are sharded (FSDP / DTensor): they run the model's forward on rank 0 alone, whose "
+                "parameter all-gathers the other ranks would never join."
+            )
+
+    def add_extension(self, ext: TrackerExtension) -> None:
+        self._check_extensions([ext])
+        if self.rank == 0:  # as at construction: extensions live on rank 0
+            super().add_extension(ext)
 
     def step(self, step: int, loss: float | None = None, *, force: bool = False, **scalars: float) -> dict[tuple[str, str], float] | None:
         """As :meth:`dimscope.Tracker.step`; call it on every rank with the same ``step`` (and ``force``)."""

@@ -356,6 +356,7 @@ class FunctionSpaceEpsRank(TrackerExtension):
     """
 
     name = "function_eps_rank"
+    runs_own_forward = True  # the layers' forward on the quadrature points
 
     def __init__(
         self,
