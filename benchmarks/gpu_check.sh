@@ -2,7 +2,7 @@
 # The checks that need a GPU, in one go: the CUDA cases of the tests, then the GPU timings.
 #   bash benchmarks/gpu_check.sh [OUTDIR]       (needs dimscope's dependencies and a CUDA build of torch)
 # Writes devices.log, overhead_cuda.txt and jacobian_cuda.txt to OUTDIR (default .); with GPU_CHECK_SUITE=1 also
-# suite.log, the whole suite on that machine's Python and torch. About 6 minutes without the suite on an H200.
+# suite.log, the whole suite on that machine's Python and torch. About 3 minutes without the suite on an H200.
 set -uo pipefail
 out="${1:-.}"
 status=0
