@@ -73,6 +73,41 @@ def _worker(rank: int, world: int, tmp: str) -> None:
         dist.destroy_process_group()
 
 
+def _stop_worker(rank: int, world: int, tmp: str) -> None:
+    import types
+
+    from dimscope.experiments import StopOnAlert
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
+    try:
+        trainer = types.SimpleNamespace(should_stop=False)  # each rank's own, as Lightning's DDP launcher makes them
+        stopper = StopOnAlert(trainer=trainer, poll=False)
+        tracker = DistributedTracker(mlp(seed=0), probe=_probe(), every=2, layers=["0"], extensions=[stopper])
+        seen = []
+        for step in range(4):
+            if rank == 0 and step == 1:  # an alert reaches rank 0's extension only
+                stopper.notify({"step": 1, "layer": "0", "metric": "stable_rank", "payload": {"alert": "test"}})
+            tracker.step(step)
+            seen.append((trainer.should_stop, stopper.should_stop))
+        tracker.close()
+        torch.save(seen, f"{tmp}/stop_rank{rank}.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_stop_requested_on_rank_0_reaches_every_rank_at_the_same_step(tmp_path):
+    """StopOnAlert lives on rank 0; without the sync the other ranks would train on and wait forever in
+    their next collective."""
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    mp.spawn(_stop_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        # the alert pushed before step 1 is handled on the training thread in tracker.step(1); every rank stops there
+        assert torch.load(tmp_path / f"stop_rank{rank}.pt") == [(False, False), (True, True), (True, True), (True, True)], rank
+
+
 def test_shard_bounds_cover_the_probe_once():
     for n, w in [(37, 2), (10, 3), (5, 5), (100, 7)]:
         bounds = [shard_bounds(n, w, r) for r in range(w)]

@@ -5,7 +5,10 @@ Whatever raises alerts (the transitions area's live alert extension, or your own
 kind ``"alert"`` (payload ``{"alert": name, "message": text}``) to the run; :class:`StopOnAlert`
 picks them up and, on the training thread, logs them, calls your ``on_alert(event)`` and — once
 ``stop_after`` matching alerts have arrived — sets :attr:`StopOnAlert.should_stop` (your loop checks
-it) and ``trainer.should_stop = True`` when a Lightning ``trainer`` is given.
+it) and ``trainer.should_stop = True`` when a Lightning ``trainer`` is given. Beside a
+``DistributedTracker`` (extensions run on rank 0), build a StopOnAlert on every rank, as the tracker
+itself: rank 0's stop then reaches every rank's copy and trainer at the same step (one int is
+all-reduced per step), so no rank trains on into a collective the others have left.
 
 Two ways alerts reach it:
 
@@ -54,6 +57,8 @@ class StopOnAlert(TrackerExtension):
     """
 
     name = "stop_on_alert"
+    #: beside a DistributedTracker (extensions run on rank 0), a stop is passed to every rank's copy
+    syncs_stop = True
 
     def __init__(
         self,
@@ -116,10 +121,15 @@ class StopOnAlert(TrackerExtension):
         if self.on_alert is not None:
             self.on_alert(ev)
         if stop and not self.should_stop:
-            self.should_stop = True
-            if self.trainer is not None:
-                self.trainer.should_stop = True
+            self.stop()
             log.warning("dimscope: stopping training after %d alert(s).", len(self.seen))
+
+    def stop(self) -> None:
+        """Set :attr:`should_stop` and, when a ``trainer`` is given, ``trainer.should_stop``. A
+        DistributedTracker calls it on the other ranks' copies when rank 0's stops."""
+        self.should_stop = True
+        if self.trainer is not None:
+            self.trainer.should_stop = True
 
     def _poll(self) -> None:
         if self._reader is None:

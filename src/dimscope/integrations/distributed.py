@@ -112,6 +112,9 @@ class DistributedTracker(Tracker):
             )
         self.sharded_parameters = _has_sharded_parameters(model)
         self._check_extensions(extensions)  # on every rank, before any collective: all of them stop
+        # extensions run on rank 0; a stop one of them requests (StopOnAlert) must reach every rank, or
+        # the others would wait in the next collective: each rank keeps its own copies to pass it to
+        self._stoppers = [e for e in extensions if getattr(e, "syncs_stop", False)]
         if self.sharded_parameters:
             for flag in ("weight_metrics", "grad_norm"):
                 if kwargs.get(flag, flag == "weight_metrics"):
@@ -171,6 +174,8 @@ class DistributedTracker(Tracker):
 
     def add_extension(self, ext: TrackerExtension) -> None:
         self._check_extensions([ext])
+        if getattr(ext, "syncs_stop", False):
+            self._stoppers.append(ext)
         if self.rank == 0:  # as at construction: extensions live on rank 0
             super().add_extension(ext)
 
@@ -179,6 +184,13 @@ class DistributedTracker(Tracker):
         values = super().step(step, loss, force=force, **scalars)
         if self.rank != 0:
             self.history.clear()  # ranks > 0 keep no store and must not grow a history either
+        if self._stoppers and self.distributed and self.world_size > 1:
+            # one int all-reduced per step: rank 0's stop (set within super().step) reaches every rank at the same step
+            flag = torch.tensor([int(any(s.should_stop for s in self._stoppers))], device=self._reduce_device(torch.empty(0)))
+            if int(self._all_reduce(flag).item()) > 0:
+                for s in self._stoppers:
+                    if not s.should_stop:
+                        s.stop()
         return values
 
     def _reduce_device(self, X: torch.Tensor) -> torch.device:
