@@ -266,3 +266,20 @@ def test_probe_inputs_of_other_shapes_reach_the_model_as_given(tmp_path):
         assert h.shape[0] == rows
         got = df[(df.step == 1) & (df.layer == "lin") & (df.metric == "rankme")]["value"].item()
         assert got == pytest.approx(rankme(spectrum(h)), rel=1e-9)
+
+
+def test_a_namedtuple_probe_reaches_the_model_as_one(tmp_path):
+    from collections import namedtuple
+
+    Views = namedtuple("Views", ["a", "b"])
+    for s in (0, 1):
+        torch.manual_seed(s)
+        torch.save(_TwoViews().state_dict(), tmp_path / f"step_{s}.pt")
+    series = CheckpointSeries(tmp_path, model_factory=_TwoViews)
+    g = torch.Generator().manual_seed(0)
+    views = Views(torch.randn(30, 6, generator=g), torch.randn(30, 6, generator=g))  # one positional argument
+    df = analyze_checkpoints(series, probe_inputs=(views,), layers=["lin"], metrics=["rankme"])
+    with torch.no_grad():
+        h = series.load(1).lin(views.b)
+    got = df[(df.step == 1) & (df.metric == "rankme")]["value"].item()
+    assert got == pytest.approx(rankme(spectrum(h)), rel=1e-9)

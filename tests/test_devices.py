@@ -354,3 +354,12 @@ def test_formation_map_takes_labels_that_numpy_cannot_read_directly() -> None:
     with dimscope.Tracker(model, probe=probe, every=1, layers=["0"], background=False, extensions=[ext]) as tr:
         tr.step(0)
     assert ext.y_.tolist() == (probe[:, 0] > 0).long().tolist()
+
+
+def test_when_the_cast_does_not_help_the_models_own_error_is_raised() -> None:
+    model = _mlp().to(torch.bfloat16)
+    probe = torch.randn(20, 10)  # float32 and the wrong width: the cast fixes the dtype, not the shape
+    tr = dimscope.Tracker(model, probe=probe, every=1, layers=["0"], background=False, weight_metrics=False)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        tr.step(0)
+    tr.close()

@@ -74,38 +74,57 @@ def _worker(rank: int, world: int, tmp: str) -> None:
 
 
 def _stop_worker(rank: int, world: int, tmp: str) -> None:
+    import datetime
     import types
 
     from dimscope.experiments import StopOnAlert
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))  # a mismatched collective fails, not hangs
     try:
-        trainer = types.SimpleNamespace(should_stop=False)  # each rank's own, as Lightning's DDP launcher makes them
-        stopper = StopOnAlert(trainer=trainer, poll=False)
-        tracker = DistributedTracker(mlp(seed=0), probe=_probe(), every=2, layers=["0"], extensions=[stopper])
-        seen = []
-        for step in range(4):
-            if rank == 0 and step == 1:  # an alert reaches rank 0's extension only
-                stopper.notify({"step": 1, "layer": "0", "metric": "stable_rank", "payload": {"alert": "test"}})
+        out = {}
+        # (a) a StopOnAlert on every rank; the alert reaches rank 0's extension only
+        # (b) the same, the alert pushed to rank 1's copy (no tracker of its own: handled at once)
+        for case, alerted in (("a", 0), ("b", 1)):
+            trainer = types.SimpleNamespace(should_stop=False)  # each rank's own, as Lightning's DDP launcher makes them
+            stopper = StopOnAlert(trainer=trainer, poll=False)
+            tracker = DistributedTracker(mlp(seed=0), probe=_probe(), every=2, layers=["0"], extensions=[stopper])
+            seen = []
+            for step in range(4):
+                if rank == alerted and step == 1:
+                    stopper.notify({"step": 1, "layer": "0", "metric": "stable_rank", "payload": {"alert": "test"}})
+                tracker.step(step)
+                seen.append((trainer.should_stop, stopper.should_stop))
+            tracker.close()
+            out[case] = seen
+        # (c) a StopOnAlert on rank 0 only (extensions are used there): no rank waits for the others
+        tracker = DistributedTracker(mlp(seed=0), probe=_probe(), every=2, layers=["0"],
+                                     extensions=[StopOnAlert(poll=False)] if rank == 0 else [])
+        for step in range(3):
             tracker.step(step)
-            seen.append((trainer.should_stop, stopper.should_stop))
+        with pytest.raises(ValueError, match="must be given at construction"):
+            DistributedTracker(mlp(seed=0), probe=_probe(), every=2, layers=["0"]).add_extension(StopOnAlert(poll=False))
         tracker.close()
-        torch.save(seen, f"{tmp}/stop_rank{rank}.pt")
+        out["c"] = "done"
+        torch.save(out, f"{tmp}/stop_rank{rank}.pt")
         dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-def test_a_stop_requested_on_rank_0_reaches_every_rank_at_the_same_step(tmp_path):
-    """StopOnAlert lives on rank 0; without the sync the other ranks would train on and wait forever in
-    their next collective."""
+def test_a_stop_requested_on_one_rank_reaches_every_rank_at_the_same_step(tmp_path):
+    """StopOnAlert's extension lives on rank 0; without the sync the other ranks would train on and
+    wait forever in their next collective."""
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     mp.spawn(_stop_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     for rank in (0, 1):
-        # the alert pushed before step 1 is handled on the training thread in tracker.step(1); every rank stops there
-        assert torch.load(tmp_path / f"stop_rank{rank}.pt") == [(False, False), (True, True), (True, True), (True, True)], rank
+        out = torch.load(tmp_path / f"stop_rank{rank}.pt")
+        # the alert pushed before step 1 is handled in tracker.step(1) (rank 0: on the training thread, rank 1: at
+        # once); every rank stops there
+        assert out["a"] == out["b"] == [(False, False), (True, True), (True, True), (True, True)], rank
+        assert out["c"] == "done"
 
 
 def test_shard_bounds_cover_the_probe_once():

@@ -205,7 +205,10 @@ def place_inputs(inputs: Any, device: torch.device | None, dtype: torch.dtype | 
     if isinstance(inputs, Mapping):
         return {k: place_inputs(v, device, dtype) for k, v in inputs.items()}
     if isinstance(inputs, (tuple, list)):
-        return type(inputs)(place_inputs(v, device, dtype) for v in inputs)
+        items = [place_inputs(v, device, dtype) for v in inputs]
+        if isinstance(inputs, list):
+            return items
+        return type(inputs)(*items) if hasattr(inputs, "_fields") else tuple(items)  # a namedtuple stays one
     return inputs
 
 
@@ -236,12 +239,10 @@ def call_on_probe(model: nn.Module, inputs: Any, device: torch.device | None, dt
     try:
         return _call(model, placed)
     except RuntimeError as e:
-        if not _floats_differ(placed, dtype):
+        if isinstance(e, torch.cuda.OutOfMemoryError) or not _floats_differ(placed, dtype):
             raise
-        try:
-            out = _call(model, place_inputs(placed, None, dtype))
-        except Exception:
-            raise e from None
+        # if the cast does not help either, its error propagates, with the first one as its context
+        out = _call(model, place_inputs(placed, None, dtype))
         _CAST_MODELS.add(model)
         warnings.warn(
             f"dimscope: the probe's floating-point tensors are cast to {dtype} for this model, whose forward failed "

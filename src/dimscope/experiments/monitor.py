@@ -71,6 +71,7 @@ class StopOnAlert(TrackerExtension):
         poll_seconds: float = 1.0,
     ) -> None:
         self.alerts = alerts
+        self.alerts_ = None if alerts is None else set(alerts)  # also on a DistributedTracker's ranks > 0 (no setup)
         self.stop_after = stop_after
         self.on_alert = on_alert
         self.trainer = trainer

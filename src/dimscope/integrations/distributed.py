@@ -115,6 +115,11 @@ class DistributedTracker(Tracker):
         # extensions run on rank 0; a stop one of them requests (StopOnAlert) must reach every rank, or
         # the others would wait in the next collective: each rank keeps its own copies to pass it to
         self._stoppers = [e for e in extensions if getattr(e, "syncs_stop", False)]
+        self._sync_stop = False
+        if self.distributed and self.world_size > 1:  # one collective: any rank's stopper turns the per-step sync on for all
+            n = torch.tensor([len(self._stoppers)], device=self._reduce_device(torch.empty(0)))
+            dist.all_reduce(n, op=dist.ReduceOp.MAX, group=group)
+            self._sync_stop = int(n.item()) > 0
         if self.sharded_parameters:
             for flag in ("weight_metrics", "grad_norm"):
                 if kwargs.get(flag, flag == "weight_metrics"):
@@ -174,7 +179,12 @@ class DistributedTracker(Tracker):
 
     def add_extension(self, ext: TrackerExtension) -> None:
         self._check_extensions([ext])
-        if getattr(ext, "syncs_stop", False):
+        if getattr(ext, "syncs_stop", False) and ext not in self._stoppers:
+            if self.distributed and self.world_size > 1 and not self._sync_stop:
+                raise ValueError(
+                    f"The extension {getattr(ext, 'name', type(ext).__name__)!r} stops training: beside a DistributedTracker it "
+                    "must be given at construction (extensions=[...], on every rank), where the ranks agree to pass its stop on."
+                )
             self._stoppers.append(ext)
         if self.rank == 0:  # as at construction: extensions live on rank 0
             super().add_extension(ext)
@@ -184,7 +194,7 @@ class DistributedTracker(Tracker):
         values = super().step(step, loss, force=force, **scalars)
         if self.rank != 0:
             self.history.clear()  # ranks > 0 keep no store and must not grow a history either
-        if self._stoppers and self.distributed and self.world_size > 1:
+        if self._sync_stop:
             # one int all-reduced per step: rank 0's stop (set within super().step) reaches every rank at the same step
             flag = torch.tensor([int(any(s.should_stop for s in self._stoppers))], device=self._reduce_device(torch.empty(0)))
             if int(self._all_reduce(flag).item()) > 0:
