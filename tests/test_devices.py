@@ -150,9 +150,9 @@ def test_tracker_on_device_matches_a_cpu_reference(device: str, mode: str, backg
     assert n == 3 * 3 * 2 * len(metrics)
 
 
-def _jacobian_problem(device: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+def _jacobian_problem() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double().to(device)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
     g = torch.Generator().manual_seed(1)
     return model, torch.randn(32, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (32,), generator=g)
 
@@ -165,7 +165,7 @@ def test_training_jacobian_on_cuda_equals_the_cpu_run(method: str, optimizer: st
     from dimscope.jacobian import training_jacobian
 
     kw = dict(optimizer=optimizer, lr=0.05, batch_size=8, epochs=2, dtype=dtype, method=method, shuffle=True, loss=loss)
-    model, X, y = _jacobian_problem("cpu")
+    model, X, y = _jacobian_problem()
     if loss == "mse":  # float targets: the branch that casts y to the run's dtype
         y = torch.nn.functional.one_hot(y, 3).double() * 0.8 + 0.1
     tol = dict(rtol=1e-9, atol=1e-11) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
@@ -188,7 +188,7 @@ def test_matrix_free_estimates_on_cuda_equal_the_cpu_run() -> None:
     from dimscope.jacobian.matrix_free import bulk_size_slq, top_singular
 
     cfg = TrainConfig(optimizer="adam", lr=0.02, batch_size=8, epochs=2)
-    model, X, y = _jacobian_problem("cpu")
+    model, X, y = _jacobian_problem()
     runs = [UnrolledTraining(m, X, y, cfg, dtype=torch.float64) for m in (model, copy.deepcopy(model).cuda())]
     assert runs[1].X.device.type == "cuda" and runs[1].traj.thetas[0].device.type == "cuda"  # not silently on the CPU
     tops = [top_singular(r, k=3, solver="arpack", tol=1e-10) for r in runs]
@@ -235,7 +235,7 @@ def test_jacobian_experiments_on_cuda_equal_the_cpu_run() -> None:
     from dimscope.jacobian import training_jacobian
     from dimscope.jacobian.experiments import added_vector_kl, perturbation_linearity, restricted_training
 
-    model, X, y = _jacobian_problem("cpu")
+    model, X, y = _jacobian_problem()
     Xte, yte = X[:12] + 0.1, y[:12]
     tj = training_jacobian(model, X, y, lr=0.05, batch_size=8, epochs=2, dtype=torch.float64)
     gpu = copy.deepcopy(model).cuda()

@@ -393,7 +393,7 @@ def analyze_checkpoints(
 
     from .capture import capture, to_features
     from .metrics import DEFINITIONS, check_metric_spec, compute_metrics, metric_params
-    from .probes import LinearProbe, ProbeSplit
+    from .probes import LinearProbe, ProbeSplit, _as_np
     from .spectrum import NonFiniteError, spectrum
 
     check_choice(on_error, "on_error", ("raise", "skip"), owner="analyze_checkpoints")
@@ -466,7 +466,7 @@ def analyze_checkpoints(
             if y is not None:
                 if len(X) != len(y):
                     raise ValueError(f"Layer {name!r} gives {len(X)} feature rows but 'targets' has {len(y)}; they must match.")
-                Xn = X.detach().to("cpu", torch.float64).numpy()  # numpy has no bfloat16
+                Xn = _as_np(X)
                 probe = LinearProbe(kind=probe_kind, alpha=probe_alpha).fit(Xn[split.train], y[split.train])
                 rows.append((step, now, name, "probe_acc", probe.score(Xn[split.test], y[split.test]), "activation", conv))
                 rows.append((step, now, name, "probe_train_acc", probe.score(Xn[split.train], y[split.train]), "activation", conv))

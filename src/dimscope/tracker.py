@@ -179,13 +179,10 @@ def input_placement(model: nn.Module) -> tuple[torch.device | None, torch.dtype 
     return device, None
 
 
-def _slice_probe(probe: Any, a: int, b: int, device: torch.device | None) -> Any:
-    """Rows a:b of every tensor of the probe, moved to ``device``."""
+def _slice_probe(probe: Any, a: int, b: int) -> Any:
+    """Rows a:b of every tensor of the probe (:func:`call_on_probe` places them)."""
     def mv(t: Any) -> Any:
-        if isinstance(t, torch.Tensor):
-            t = t[a:b]
-            return t.to(device) if device is not None else t
-        return t
+        return t[a:b] if isinstance(t, torch.Tensor) else t
 
     if isinstance(probe, torch.Tensor):
         return mv(probe)
@@ -299,7 +296,7 @@ def probe_forward(
         with torch.no_grad(), capture(model, layers, clone=True) as cap:
             for a in range(0, n, bs):
                 cap.clear()
-                call_on_probe(model, _slice_probe(probe, a, min(a + bs, n), None), device, dtype)
+                call_on_probe(model, _slice_probe(probe, a, min(a + bs, n)), device, dtype)
                 for name in layers:
                     if name in cap.outputs:
                         chunks[name].append(cap.outputs[name])
@@ -670,10 +667,8 @@ class Tracker:
         self.store.commit()
 
     def _on_cpu(self) -> bool:
-        try:
-            return next(self.model.parameters()).device.type == "cpu"
-        except StopIteration:
-            return True
+        device, _ = input_placement(self.model)
+        return device is None or device.type == "cpu"
 
     def _thread_budget(self) -> int:
         """Threads for the measurement thread's torch ops: on CPU the cores training's own threads

@@ -117,7 +117,8 @@ class DistributedTracker(Tracker):
         self._stoppers = [e for e in extensions if getattr(e, "syncs_stop", False)]
         self._sync_stop = False
         if self.distributed and self.world_size > 1:  # one collective: any rank's stopper turns the per-step sync on for all
-            n = torch.tensor([len(self._stoppers)], device=self._reduce_device(torch.empty(0)))
+            self._flag_device = self._reduce_device(torch.empty(0))  # where the stop flag is all-reduced
+            n = torch.tensor([len(self._stoppers)], device=self._flag_device)
             dist.all_reduce(n, op=dist.ReduceOp.MAX, group=group)
             self._sync_stop = int(n.item()) > 0
         if self.sharded_parameters:
@@ -142,7 +143,7 @@ class DistributedTracker(Tracker):
         self.probe_bounds = (0, _probe_len(probe)) if probe is not None else (0, 0)
         if self.distributed and probe is not None:
             self.probe_bounds = shard_bounds(_probe_len(probe), self.world_size, self.rank)
-            self.probe = _slice_probe(probe, *self.probe_bounds, None)
+            self.probe = _slice_probe(probe, *self.probe_bounds)
         if self.store is not None:
             self.store.set_manifest(
                 {
@@ -196,7 +197,7 @@ class DistributedTracker(Tracker):
             self.history.clear()  # ranks > 0 keep no store and must not grow a history either
         if self._sync_stop:
             # one int all-reduced per step: rank 0's stop (set within super().step) reaches every rank at the same step
-            flag = torch.tensor([int(any(s.should_stop for s in self._stoppers))], device=self._reduce_device(torch.empty(0)))
+            flag = torch.tensor([int(any(s.should_stop for s in self._stoppers))], device=self._flag_device)
             if int(self._all_reduce(flag).item()) > 0:
                 for s in self._stoppers:
                     if not s.should_stop:

@@ -197,7 +197,7 @@ def pretrain_first_layer(
         params = [p for p in lin.parameters()]
         opt = torch.optim.Adam(params, lr=lr)
         dev = lin.weight.device
-        w = torch.as_tensor(q.weights, dtype=torch.float32).to(dev)
+        w = torch.as_tensor(q.weights, dtype=torch.float32, device=dev)
         x = q.points.to(device=dev, dtype=lin.weight.dtype)
         n = lin.out_features
         eye = torch.eye(n, device=dev)
