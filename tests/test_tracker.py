@@ -1037,3 +1037,41 @@ def test_a_layer_skipped_once_still_has_its_failures_reported():
     assert sum("'aux' produced no output in the training forward at step 0" in m for m in msgs) == 1
     assert any("'aux' could not be measured at step 1" in m for m in msgs)
     assert any("'enc' could not be measured at step 1" in m for m in msgs)
+
+
+@pytest.mark.parametrize("with_store", [True, False])
+def test_tensor_scalars_are_read_later_with_their_values_at_step_time(tmp_path, with_store):
+    """A tensor loss is copied at step() and read at the next write (no wait for a GPU per step): the
+    stored value is the one at step time even when the caller changes the tensor afterwards, in any
+    floating dtype; a measurement's values hold it as a float."""
+    run = tmp_path / "t" if with_store else None
+    tr = dimscope.Tracker(mlp(), probe=torch.randn(16, 10), every=4, layers="0", run=run, background=False, commit_seconds=1e9)
+    running = torch.zeros((), dtype=torch.float64)
+    measured = {}
+    for s in range(10):
+        running += 1.0  # changed in place after it was passed
+        loss = torch.tensor([0.5 + s], dtype=torch.bfloat16 if s % 2 else torch.float32, requires_grad=True) * 2
+        out = tr.step(s, loss=loss, total=running, lr=0.1)
+        if out is not None:
+            measured[s] = out
+    tr.close()
+    if with_store:
+        got = dimscope.open_run(run).training("loss")
+        total = dimscope.open_run(run).training("total")
+    else:
+        got = pd.Series({h["step"]: h["value"] for h in tr.history if h["metric"] == "loss"})
+        total = pd.Series({h["step"]: h["value"] for h in tr.history if h["metric"] == "total"})
+    expected = [float(torch.tensor(2 * (0.5 + s), dtype=torch.bfloat16 if s % 2 else torch.float32)) for s in range(10)]
+    assert got.sort_index().tolist() == expected
+    assert total.sort_index().tolist() == [float(s + 1) for s in range(10)]
+    assert set(measured) == {0, 4, 8}
+    assert measured[4][("", "loss")] == expected[4] and type(measured[4][("", "loss")]) is float
+
+
+def test_a_tensor_scalar_with_more_than_one_element_is_refused_at_step():
+    tr = dimscope.Tracker(mlp(), probe=torch.randn(16, 10), every=4, layers="0")
+    with pytest.raises(ValueError, match=r"must have one element. Got shape \(2,\)"):
+        tr.step(0, loss=torch.ones(2))
+    with pytest.raises(TypeError, match="must be real"):
+        tr.step(0, loss=torch.ones((), dtype=torch.complex64))
+    tr.close()

@@ -63,7 +63,9 @@ from .store import RunStore
 
 __all__ = ["Tracker", "TrackerExtension", "probe_forward"]
 
-_Row = tuple[int, float, str, str, float, str, str]
+# (step, wall time, layer, metric, value, space, convention); a training scalar's value may still be
+# a 0-d tensor (see _scalar), read at the next write
+_Row = tuple[int, float, str, str, Any, str, str]
 
 # A batched flush computes at most this many bytes of buffered features at once by default.
 _MAX_PENDING_BYTES = 256 * 2**20
@@ -710,8 +712,13 @@ class Tracker:
         self._main_calls.put(fn)
 
     # -- the loop --------------------------------------------------------------------------------
-    def step(self, step: int, loss: float | None = None, *, force: bool = False, **scalars: float) -> dict[tuple[str, str], float] | None:
+    def step(self, step: int, loss: float | torch.Tensor | None = None, *, force: bool = False,
+             **scalars: float | torch.Tensor) -> dict[tuple[str, str], float] | None:
         """Record the training scalars of optimizer step ``step``; measure if ``step % every == 0``.
+
+        A scalar may be a number or a one-element tensor: ``loss=loss.detach()`` on a GPU spares the
+        wait that ``loss.item()`` costs at every step (tensors are copied now and read together at
+        the next write, about every ``commit_seconds``).
 
         Returns the measured values (``(layer, metric) → value``) when measuring synchronously,
         else None (see :attr:`latest`).
@@ -725,7 +732,7 @@ class Tracker:
         if loss is not None:
             scalars = {"loss": loss, **scalars}
         for k, v in scalars.items():
-            self._train_rows.append((step, now, "", k, _as_float(v), "training", ""))
+            self._train_rows.append((step, now, "", k, _scalar(v), "training", ""))
         measuring = force or step % self.every == 0
         for ext in self.extensions:
             ext.on_step(self, step, measuring)
@@ -859,12 +866,12 @@ class Tracker:
             warnings.warn(f"dimscope: layer {layer!r} could not be measured at step {step} and is skipped "
                           f"where it fails: {e!r}", RuntimeWarning, stacklevel=5)
 
-    def _grad_norm(self) -> float:
+    def _grad_norm(self) -> float | torch.Tensor:
         grads = [p.grad.detach() for p in self.model.parameters() if p.grad is not None]
         if not grads:
             return float("nan")
         norms = torch._foreach_norm(grads)
-        return float(torch.linalg.vector_norm(torch.stack([n.to(torch.float64) for n in norms])))
+        return torch.linalg.vector_norm(torch.stack([n.to(torch.float64) for n in norms]))
 
     def _first_in_block(self, kind: str, step: int, period: int) -> bool:
         """Whether ``kind`` (spectra, weights) is due at this measurement: ``step % period == 0`` when
@@ -886,7 +893,7 @@ class Tracker:
         if measure_any and self.weight_metrics and self._first_in_block("weights", step, self.weight_every):
             weights = {name: w.detach().clone() for name, w in iter_layer_weights(self.model, self.layers)}
         if self.grad_norm:
-            self._train_rows.append((step, now, "", "grad_norm", self._grad_norm(), "training", ""))
+            self._train_rows.append((step, now, "", "grad_norm", self._grad_norm(), "training", ""))  # a tensor: read later
         extra_jobs = []
         for ext in self.extensions:
             flat = feats.get(self.modes[0], {})
@@ -1027,7 +1034,7 @@ class Tracker:
         spectra, metric_values = results
         step, now = m.step, m.now
         names = self.metric_spec if m.full else self._moment_spec
-        rows: list[_Row] = list(m.rows)
+        rows: list[_Row] = _read_scalars(m.rows)
         measured: list[tuple[int, float, str, str, str, int, int, bool, Any]] = []  # what each layer's values were measured on
         params = self._params[m.full]
         specs: list[tuple[int, float, str, Spectrum, str, str]] = []  # to store
@@ -1082,7 +1089,7 @@ class Tracker:
                 raise failed[0][1]
             for layer, e in failed:
                 self._layer_failed(layer, step, e)
-        for r in m.rows:
+        for r in rows[: len(m.rows)]:  # the training scalars, read
             values[("", r[3])] = r[4]
         m.rows = []  # written below, with the measured values
         self._write_rows(rows)
@@ -1097,6 +1104,7 @@ class Tracker:
         """Scalar rows to the store, or to :attr:`history` when there is no run directory."""
         if not rows:
             return
+        rows = _read_scalars(rows)
         if self.store is not None:
             self.store.add_scalars(rows)
         else:
@@ -1179,16 +1187,39 @@ def _shape(result: Any, t: torch.Tensor) -> tuple[int, int]:
     return (int(n), int(result.n_features)) if n is not None else (int(t.shape[0]), int(t[0].numel()))
 
 
-def _as_float(v: Any) -> float:
+def _scalar(v: Any) -> float | torch.Tensor:
+    """A scalar passed to :meth:`Tracker.step`, as a float, or a one-element tensor as a private 0-d
+    copy that is read later (:func:`_read_scalars`, at the next write): reading a CUDA tensor at
+    every step would wait for the GPU at every step (``loss.item()`` does); this way the buffered
+    scalars are read together, once per commit. The copy keeps a later in-place change out."""
     if isinstance(v, torch.Tensor):
-        v = v.detach()
         if v.numel() != 1:
             raise ValueError(f"A scalar passed to Tracker.step must have one element. Got shape {tuple(v.shape)}.")
-        return float(v.item())
+        if v.is_complex():
+            raise TypeError(f"Scalars passed to Tracker.step must be real. Got a tensor of dtype {v.dtype}.")
+        return v.detach().reshape(()).clone()
     try:
         return float(v)
     except (TypeError, ValueError) as e:
         raise TypeError(f"Scalars passed to Tracker.step must be numbers. Got {v!r}.") from e
+
+
+def _read_scalars(rows: list[_Row]) -> list[_Row]:
+    """``rows`` with every tensor value read as a float: one transfer per device and dtype (cast on
+    the CPU: some devices have no float64)."""
+    where = [i for i, r in enumerate(rows) if isinstance(r[4], torch.Tensor)]
+    if not where:
+        return list(rows)
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i in where:
+        groups.setdefault((rows[i][4].device, rows[i][4].dtype), []).append(i)
+    out = list(rows)
+    for idx in groups.values():
+        vals = torch.stack([rows[i][4] for i in idx]).cpu().to(torch.float64).tolist()
+        for i, v in zip(idx, vals):
+            r = rows[i]
+            out[i] = (r[0], r[1], r[2], r[3], float(v), r[5], r[6])
+    return out
 
 
 

@@ -190,7 +190,8 @@ class DistributedTracker(Tracker):
         if self.rank == 0:  # as at construction: extensions live on rank 0
             super().add_extension(ext)
 
-    def step(self, step: int, loss: float | None = None, *, force: bool = False, **scalars: float) -> dict[tuple[str, str], float] | None:
+    def step(self, step: int, loss: float | torch.Tensor | None = None, *, force: bool = False,
+             **scalars: float | torch.Tensor) -> dict[tuple[str, str], float] | None:
         """As :meth:`dimscope.Tracker.step`; call it on every rank with the same ``step`` (and ``force``)."""
         values = super().step(step, loss, force=force, **scalars)
         if self.rank != 0:

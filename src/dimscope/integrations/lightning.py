@@ -178,18 +178,20 @@ class DimscopeCallback(Callback):
             return
         loss = _loss_of(outputs)
         if loss is not None:
+            loss = loss.float()  # summed in float32 (a bf16 sum rounds)
             self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
             self._n_batches += 1
         step = trainer.global_step
         if step == self._last_step:
             return  # accumulating gradients: no optimizer step yet
         self._last_step = step
-        scalars: dict[str, float] = {"epoch": float(trainer.current_epoch)}
+        scalars: dict[str, Any] = {"epoch": float(trainer.current_epoch)}
         if self._loss_sum is not None:
             # automatic optimization: Lightning divided each micro-batch loss by accumulate_grad_batches
-            # (also in a shorter last window of an epoch); undo it, then average over the micro-batches
+            # (also in a shorter last window of an epoch); undo it, then average over the micro-batches.
+            # A tensor: the Tracker reads it with the others at its next write, not now (no GPU wait per step)
             scale = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
-            scalars["loss"] = float(self._loss_sum) * scale / max(self._n_batches, 1)
+            scalars["loss"] = self._loss_sum * (scale / max(self._n_batches, 1))
         self._loss_sum, self._n_batches = None, 0
         self.tracker.step(step, **scalars)
 
