@@ -250,11 +250,28 @@ def floor(model_step: float, probe: torch.Tensor, n: int = 30, per_flush: int = 
         t_fwd = best(lambda: probe_forward(model, probe, LAYERS))
         t_spec = best(lambda: batch_spectra([(x, True, True) for m in feats for x in m], threads=threads, workspace=ws)) / per_flush
         t_w = best(lambda: batch_spectra([(w, None, True) for w in weights], threads=threads, workspace=ws)) / 10
+        t_spec32 = best(lambda: spectra32([x for m in feats for x in m])) / per_flush
     per = t_fwd + t_spec + t_w
+    budget = 2.5 * model_step  # what both probe targets allow one measurement: 5 % of 50 steps, 50 % of 5 steps
     print(f"floor of one probe measurement, timed alone: forward {t_fwd * 1e3:.2f} ms + float64 spectra {t_spec * 1e3:.2f} ms "
           f"(a flush of {per_flush} measurements / {per_flush}) + weight spectra {t_w * 1e3:.2f} ms (amortized) = {per * 1e3:.2f} ms; "
           f"an untracked step takes {model_step * 1e3:.2f} ms")
     print(f"  so probe mode cannot add less than {per / (5 * model_step):.1%} every 5 steps or {per / (50 * model_step):.1%} every 50")
+    per32 = t_fwd + t_spec32
+    print(f"  both probe targets allow one measurement 2.5 untracked steps, {budget * 1e3:.2f} ms; in float32 (Gram matrices and "
+          f"eigenvalues, no weight spectra: not what dimscope computes) the floor would be forward {t_fwd * 1e3:.2f} ms + spectra "
+          f"{t_spec32 * 1e3:.2f} ms = {per32 * 1e3:.2f} ms ({per32 / budget:.2f} of that budget)")
+
+
+def spectra32(feats: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The eigenvalues of the features' covariances in float32, by torch on its threads, stacked by
+    size: the cheapest exact-algorithm alternative to dimscope's float64 kernel (timed in ``floor``)."""
+    stacks: dict[int, list[torch.Tensor]] = {}
+    for x in feats:
+        X = x - x.mean(0, keepdim=True)
+        G = X.mT @ X if X.shape[0] > X.shape[1] else X @ X.mT
+        stacks.setdefault(G.shape[0], []).append(G)
+    return [torch.linalg.eigvalsh(torch.stack(v)) for v in stacks.values()]
 
 
 def main() -> None:
