@@ -1075,3 +1075,28 @@ def test_a_tensor_scalar_with_more_than_one_element_is_refused_at_step():
     with pytest.raises(TypeError, match="must be real"):
         tr.step(0, loss=torch.ones((), dtype=torch.complex64))
     tr.close()
+
+
+def test_a_scalar_that_cannot_be_read_later_becomes_nan_and_the_measurement_is_kept(tmp_path, monkeypatch):
+    """The deferred read of tensor scalars fails (as it would in a failed CUDA context): those
+    scalars are NaN with a warning; the measured values and the float scalars are written."""
+    import dimscope.tracker as trk
+
+    tr = dimscope.Tracker(mlp(), probe=torch.randn(16, 10), every=2, layers="0", run=tmp_path / "r", background=False)
+    real_stack = torch.stack
+
+    def failing_stack(ts, *a, **k):
+        if all(isinstance(t, torch.Tensor) and t.ndim == 0 for t in ts):
+            raise RuntimeError("CUDA error: device-side assert triggered")
+        return real_stack(ts, *a, **k)
+
+    monkeypatch.setattr(trk.torch, "stack", failing_stack)
+    with pytest.warns(RuntimeWarning, match="could not be read from their device"):
+        for s in range(4):
+            tr.step(s, loss=torch.tensor(1.0 + s), lr=0.1)
+        tr.close()
+    monkeypatch.undo()
+    run = dimscope.open_run(tmp_path / "r")
+    assert run.training("loss").isna().all() and list(run.training("loss").index) == [0, 1, 2, 3]
+    assert run.training("lr").tolist() == [0.1] * 4
+    assert list(run.metric("stable_rank", "0").index) == [0, 2] and run.metric("stable_rank", "0").notna().all()

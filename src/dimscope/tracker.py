@@ -1215,7 +1215,12 @@ def _read_scalars(rows: list[_Row]) -> list[_Row]:
         groups.setdefault((rows[i][4].device, rows[i][4].dtype), []).append(i)
     out = list(rows)
     for idx in groups.values():
-        vals = torch.stack([rows[i][4] for i in idx]).cpu().to(torch.float64).tolist()
+        try:
+            vals = torch.stack([rows[i][4] for i in idx]).cpu().to(torch.float64).tolist()
+        except Exception as e:  # noqa: BLE001 - e.g. a failed CUDA context: the rows written beside them are kept
+            warnings.warn(f"dimscope: {len(idx)} training scalars could not be read from their device and are recorded "
+                          f"as NaN: {e!r}", RuntimeWarning, stacklevel=2)
+            vals = [float("nan")] * len(idx)
         for i, v in zip(idx, vals):
             r = rows[i]
             out[i] = (r[0], r[1], r[2], r[3], float(v), r[5], r[6])
