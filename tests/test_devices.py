@@ -112,6 +112,7 @@ def test_tracker_on_device_matches_a_cpu_reference(device: str, mode: str, backg
     probe = torch.randn(70, 12, generator=g)  # on the CPU: the tracker moves it to the model
     batches = [(torch.randn(48, 12, generator=g).to(device), torch.randint(0, 3, (48,), generator=g).to(device)) for _ in range(8)]
     refs: dict[int, dict[tuple[str, str], float]] = {}
+    losses: list[float] = []
     hooks_before = count_hooks(model)
     tracker = dimscope.Tracker(model, probe=probe if mode == "probe" else None, every=every, layers=layers, mode=mode,
                                run=str(tmp_path / "run"), metrics=metrics, background=background, max_rows=None,
@@ -128,9 +129,11 @@ def test_tracker_on_device_matches_a_cpu_reference(device: str, mode: str, backg
         if step % every == 0:
             ref = _reference(model, probe if mode == "probe" else x, layers, metrics)
             refs[step] = {**refs.get(step, {}), **{k: v for k, v in ref.items() if mode == "probe" or k[1].startswith("weight/")}}
-        tracker.step(step, loss=loss.item())
+        tracker.step(step, loss=loss.detach())  # on CUDA: copied there and read at the next write
+        losses.append(loss.item())
         assert model.training and torch.is_grad_enabled()
     tracker.close()
+    assert dimscope.open_run(tmp_path / "run").training("loss").tolist() == losses
     assert count_hooks(model) == hooks_before
     assert all(p.device.type == device for p in model.parameters())
     df = dimscope.open_run(tmp_path / "run").scalars()

@@ -1039,11 +1039,16 @@ def test_a_layer_skipped_once_still_has_its_failures_reported():
     assert any("'enc' could not be measured at step 1" in m for m in msgs)
 
 
+@pytest.mark.parametrize("deferred", [True, False])
 @pytest.mark.parametrize("with_store", [True, False])
-def test_tensor_scalars_are_read_later_with_their_values_at_step_time(tmp_path, with_store):
-    """A tensor loss is copied at step() and read at the next write (no wait for a GPU per step): the
-    stored value is the one at step time even when the caller changes the tensor afterwards, in any
-    floating dtype; a measurement's values hold it as a float."""
+def test_tensor_scalars_are_read_later_with_their_values_at_step_time(tmp_path, with_store, deferred, monkeypatch):
+    """A tensor loss on an accelerator is copied at step() and read at the next write (no wait for
+    the device per step; here CPU tensors take that path when ``deferred``): the stored value is the
+    one at step time even when the caller changes the tensor afterwards, in any floating dtype; a
+    measurement's values hold it as a float."""
+    import dimscope.tracker as trk
+
+    monkeypatch.setattr(trk, "_DEFER_CPU_SCALARS", deferred)
     run = tmp_path / "t" if with_store else None
     tr = dimscope.Tracker(mlp(), probe=torch.randn(16, 10), every=4, layers="0", run=run, background=False, commit_seconds=1e9)
     running = torch.zeros((), dtype=torch.float64)
@@ -1082,6 +1087,7 @@ def test_a_scalar_that_cannot_be_read_later_becomes_nan_and_the_measurement_is_k
     scalars are NaN with a warning; the measured values and the float scalars are written."""
     import dimscope.tracker as trk
 
+    monkeypatch.setattr(trk, "_DEFER_CPU_SCALARS", True)
     tr = dimscope.Tracker(mlp(), probe=torch.randn(16, 10), every=2, layers="0", run=tmp_path / "r", background=False)
     real_stack = torch.stack
 

@@ -1187,16 +1187,23 @@ def _shape(result: Any, t: torch.Tensor) -> tuple[int, int]:
     return (int(n), int(result.n_features)) if n is not None else (int(t.shape[0]), int(t[0].numel()))
 
 
+# Whether a CPU tensor scalar is also read later, as an accelerator's is (tests exercise that path here).
+_DEFER_CPU_SCALARS = False
+
+
 def _scalar(v: Any) -> float | torch.Tensor:
-    """A scalar passed to :meth:`Tracker.step`, as a float, or a one-element tensor as a private 0-d
-    copy that is read later (:func:`_read_scalars`, at the next write): reading a CUDA tensor at
-    every step would wait for the GPU at every step (``loss.item()`` does); this way the buffered
-    scalars are read together, once per commit. The copy keeps a later in-place change out."""
+    """A scalar passed to :meth:`Tracker.step`, as a float, or a one-element tensor on an accelerator
+    as a private 0-d copy that is read later (:func:`_read_scalars`, at the next write): reading it at
+    every step would wait for the device at every step (``loss.item()`` does); this way the buffered
+    scalars are read together, once per commit. The copy keeps a later in-place change out. A CPU
+    tensor is read now (a copy costs more than the read there)."""
     if isinstance(v, torch.Tensor):
         if v.numel() != 1:
             raise ValueError(f"A scalar passed to Tracker.step must have one element. Got shape {tuple(v.shape)}.")
         if v.is_complex():
             raise TypeError(f"Scalars passed to Tracker.step must be real. Got a tensor of dtype {v.dtype}.")
+        if v.device.type == "cpu" and not _DEFER_CPU_SCALARS:
+            return float(v.item())
         return v.detach().reshape(()).clone()
     try:
         return float(v)
