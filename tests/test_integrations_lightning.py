@@ -108,6 +108,10 @@ def test_lightning_true_precision_casts_the_probe_like_the_model(tmp_path, preci
     sr = dimscope.open_run(tmp_path / "run").metric("stable_rank", "net.0")
     s = dimscope.spectrum(h)
     assert sr.index.tolist() == [2] and sr[2] == pytest.approx(s.values.sum() / s.values[0], rel=1e-9)
+    # the loss in the module's precision: a float64 loss not rounded to float32 (rel 6e-8), a bf16 loss summed without rounding
+    loss = dimscope.open_run(tmp_path / "run").training("loss")
+    want = [(module.losses[2 * k] + module.losses[2 * k + 1]) / 2 for k in range(2)]
+    assert loss.tolist() == pytest.approx(want, rel=1e-13 if dtype == torch.float64 else 1e-7)
 
 
 def test_lightning_loss_of_a_short_accumulation_window(tmp_path):

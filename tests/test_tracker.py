@@ -1039,26 +1039,31 @@ def test_a_layer_skipped_once_still_has_its_failures_reported():
     assert any("'enc' could not be measured at step 1" in m for m in msgs)
 
 
+@pytest.mark.parametrize("background", [False, True, "batched"])
 @pytest.mark.parametrize("deferred", [True, False])
 @pytest.mark.parametrize("with_store", [True, False])
-def test_tensor_scalars_are_read_later_with_their_values_at_step_time(tmp_path, with_store, deferred, monkeypatch):
-    """A tensor loss on an accelerator is copied at step() and read at the next write (no wait for
-    the device per step; here CPU tensors take that path when ``deferred``): the stored value is the
-    one at step time even when the caller changes the tensor afterwards, in any floating dtype; a
-    measurement's values hold it as a float."""
+def test_tensor_scalars_keep_their_values_at_step_time(tmp_path, with_store, deferred, background, monkeypatch):
+    """A tensor scalar on an accelerator is copied at step() and read when its row is written (here
+    CPU tensors take that path when ``deferred``): the stored value is exactly the tensor's at step
+    time, in its own dtype (float64 not read through float32), even when the caller changes the
+    tensor afterwards; a measurement's values hold it as a float."""
     import dimscope.tracker as trk
 
     monkeypatch.setattr(trk, "_DEFER_CPU_SCALARS", deferred)
     run = tmp_path / "t" if with_store else None
-    tr = dimscope.Tracker(mlp(), probe=torch.randn(16, 10), every=4, layers="0", run=run, background=False, commit_seconds=1e9)
+    tr = dimscope.Tracker(mlp(), probe=torch.randn(16, 10), every=4, layers="0", run=run, background=background, commit_seconds=1e9)
     running = torch.zeros((), dtype=torch.float64)
-    measured = {}
+    dtypes = [torch.float64, torch.bfloat16, torch.float32, torch.float16]
+    expected, totals = [], []
     for s in range(10):
-        running += 1.0  # changed in place after it was passed
-        loss = torch.tensor([0.5 + s], dtype=torch.bfloat16 if s % 2 else torch.float32, requires_grad=True) * 2
-        out = tr.step(s, loss=loss, total=running, lr=0.1)
-        if out is not None:
-            measured[s] = out
+        running += 1.0 / 3.0  # changed in place after it was passed
+        totals.append(running.item())
+        loss = torch.tensor([0.1 + s / 7], dtype=dtypes[s % 4], requires_grad=True) * 2
+        expected.append(loss.item())
+        tr.step(s, loss=loss, total=running, lr=0.1)
+        if s == 1:  # not a measured step: the row waits, as a tensor only when deferred
+            waiting = {r[3]: r[4] for r in tr._train_rows if r[0] == 1}
+            assert isinstance(waiting["loss"], torch.Tensor) == deferred and type(waiting["lr"]) is float
     tr.close()
     if with_store:
         got = dimscope.open_run(run).training("loss")
@@ -1066,43 +1071,56 @@ def test_tensor_scalars_are_read_later_with_their_values_at_step_time(tmp_path, 
     else:
         got = pd.Series({h["step"]: h["value"] for h in tr.history if h["metric"] == "loss"})
         total = pd.Series({h["step"]: h["value"] for h in tr.history if h["metric"] == "total"})
-    expected = [float(torch.tensor(2 * (0.5 + s), dtype=torch.bfloat16 if s % 2 else torch.float32)) for s in range(10)]
     assert got.sort_index().tolist() == expected
-    assert total.sort_index().tolist() == [float(s + 1) for s in range(10)]
-    assert set(measured) == {0, 4, 8}
-    assert measured[4][("", "loss")] == expected[4] and type(measured[4][("", "loss")]) is float
+    assert total.sort_index().tolist() == totals
+    assert tr.latest[("", "loss")] == expected[8] and type(tr.latest[("", "loss")]) is float
 
 
-def test_a_tensor_scalar_with_more_than_one_element_is_refused_at_step():
+@pytest.mark.parametrize("deferred", [True, False])
+def test_a_tensor_scalar_without_one_readable_value_is_refused_at_step(deferred, monkeypatch):
+    import dimscope.tracker as trk
+
+    monkeypatch.setattr(trk, "_DEFER_CPU_SCALARS", deferred)
     tr = dimscope.Tracker(mlp(), probe=torch.randn(16, 10), every=4, layers="0")
     with pytest.raises(ValueError, match=r"must have one element. Got shape \(2,\)"):
         tr.step(0, loss=torch.ones(2))
     with pytest.raises(TypeError, match="must be real"):
         tr.step(0, loss=torch.ones((), dtype=torch.complex64))
+    with pytest.raises(ValueError, match="must hold a value. Got a tensor on the 'meta' device"):
+        tr.step(0, loss=torch.ones((), device="meta"))
     tr.close()
 
 
-def test_a_scalar_that_cannot_be_read_later_becomes_nan_and_the_measurement_is_kept(tmp_path, monkeypatch):
-    """The deferred read of tensor scalars fails (as it would in a failed CUDA context): those
-    scalars are NaN with a warning; the measured values and the float scalars are written."""
+def test_a_scalar_that_cannot_be_read_later_becomes_nan_alone_and_the_measurement_is_kept(tmp_path, monkeypatch):
+    """The deferred read of tensor scalars fails (as in a failed CUDA context): the stacked read
+    falls back to one value at a time, the unreadable one is NaN with a warning, and the others,
+    the float scalars and the measured values are written."""
     import dimscope.tracker as trk
 
     monkeypatch.setattr(trk, "_DEFER_CPU_SCALARS", True)
-    tr = dimscope.Tracker(mlp(), probe=torch.randn(16, 10), every=2, layers="0", run=tmp_path / "r", background=False)
-    real_stack = torch.stack
+    real_stack, real_item = torch.stack, torch.Tensor.item
 
     def failing_stack(ts, *a, **k):
         if all(isinstance(t, torch.Tensor) and t.ndim == 0 for t in ts):
             raise RuntimeError("CUDA error: device-side assert triggered")
         return real_stack(ts, *a, **k)
 
+    def item(t):
+        v = real_item(t)
+        if v == 13.0:
+            raise RuntimeError("CUDA error: device-side assert triggered")
+        return v
+
+    tr = dimscope.Tracker(mlp(), probe=torch.randn(16, 10), every=2, layers="0", run=tmp_path / "r", background=False)
     monkeypatch.setattr(trk.torch, "stack", failing_stack)
-    with pytest.warns(RuntimeWarning, match="could not be read from their device"):
+    monkeypatch.setattr(torch.Tensor, "item", item)
+    with pytest.warns(RuntimeWarning, match="could not be read from its device"):
         for s in range(4):
-            tr.step(s, loss=torch.tensor(1.0 + s), lr=0.1)
+            tr.step(s, loss=torch.tensor(13.0 if s == 1 else 1.0 + s), lr=0.1)
         tr.close()
     monkeypatch.undo()
     run = dimscope.open_run(tmp_path / "r")
-    assert run.training("loss").isna().all() and list(run.training("loss").index) == [0, 1, 2, 3]
+    loss = run.training("loss")
+    assert list(loss.index) == [0, 1, 2, 3] and np.isnan(loss[1]) and loss.drop(1).tolist() == [1.0, 3.0, 4.0]
     assert run.training("lr").tolist() == [0.1] * 4
     assert list(run.metric("stable_rank", "0").index) == [0, 2] and run.metric("stable_rank", "0").notna().all()

@@ -717,8 +717,9 @@ class Tracker:
         """Record the training scalars of optimizer step ``step``; measure if ``step % every == 0``.
 
         A scalar may be a number or a one-element tensor: ``loss=loss.detach()`` on a GPU spares the
-        wait that ``loss.item()`` costs at every step (tensors are copied now and read together at
-        the next write, about every ``commit_seconds``).
+        wait that ``loss.item()`` costs at every step (a tensor on an accelerator is copied there
+        and read when it is written: with the next measurement, which waits for the device anyway,
+        or at the next commit).
 
         Returns the measured values (``(layer, metric) → value``) when measuring synchronously,
         else None (see :attr:`latest`).
@@ -1193,16 +1194,19 @@ _DEFER_CPU_SCALARS = False
 
 def _scalar(v: Any) -> float | torch.Tensor:
     """A scalar passed to :meth:`Tracker.step`, as a float, or a one-element tensor on an accelerator
-    as a private 0-d copy that is read later (:func:`_read_scalars`, at the next write): reading it at
-    every step would wait for the device at every step (``loss.item()`` does); this way the buffered
-    scalars are read together, once per commit. The copy keeps a later in-place change out. A CPU
-    tensor is read now (a copy costs more than the read there)."""
+    as a private 0-d copy that is read later (:func:`_read_scalars`, when its row is written: with
+    the next measurement, or at the next commit): reading it at every step would wait for the device
+    at every step (``loss.item()`` does). The copy keeps a later in-place change out. A CPU tensor,
+    and a tensor subclass (a DTensor), is read now: a copy costs more than the read on the CPU, and a
+    subclass has no stacking read."""
     if isinstance(v, torch.Tensor):
         if v.numel() != 1:
             raise ValueError(f"A scalar passed to Tracker.step must have one element. Got shape {tuple(v.shape)}.")
         if v.is_complex():
             raise TypeError(f"Scalars passed to Tracker.step must be real. Got a tensor of dtype {v.dtype}.")
-        if v.device.type == "cpu" and not _DEFER_CPU_SCALARS:
+        if v.device.type == "meta":
+            raise ValueError("A scalar passed to Tracker.step must hold a value. Got a tensor on the 'meta' device.")
+        if (v.device.type == "cpu" and not _DEFER_CPU_SCALARS) or type(v) not in (torch.Tensor, nn.Parameter):
             return float(v.item())
         return v.detach().reshape(()).clone()
     try:
@@ -1213,7 +1217,8 @@ def _scalar(v: Any) -> float | torch.Tensor:
 
 def _read_scalars(rows: list[_Row]) -> list[_Row]:
     """``rows`` with every tensor value read as a float: one transfer per device and dtype (cast on
-    the CPU: some devices have no float64)."""
+    the CPU: some devices have no float64). A value that cannot be read (a failed CUDA context)
+    becomes NaN with a warning; the others are kept."""
     where = [i for i, r in enumerate(rows) if isinstance(r[4], torch.Tensor)]
     if not where:
         return list(rows)
@@ -1221,13 +1226,22 @@ def _read_scalars(rows: list[_Row]) -> list[_Row]:
     for i in where:
         groups.setdefault((rows[i][4].device, rows[i][4].dtype), []).append(i)
     out = list(rows)
-    for idx in groups.values():
+    for (device, _), idx in groups.items():
+        ts = [rows[i][4] for i in idx]
         try:
-            vals = torch.stack([rows[i][4] for i in idx]).cpu().to(torch.float64).tolist()
-        except Exception as e:  # noqa: BLE001 - e.g. a failed CUDA context: the rows written beside them are kept
-            warnings.warn(f"dimscope: {len(idx)} training scalars could not be read from their device and are recorded "
-                          f"as NaN: {e!r}", RuntimeWarning, stacklevel=2)
-            vals = [float("nan")] * len(idx)
+            if device.type == "cuda":
+                # copied on the stream that was current at step(), maybe on another thread: wait for every stream
+                torch.cuda.synchronize(device)
+            vals = torch.stack(ts).cpu().to(torch.float64).tolist()
+        except Exception:  # noqa: BLE001 - one by one, so that one bad value stays alone
+            vals = []
+            for t in ts:
+                try:
+                    vals.append(float(t.item()))
+                except Exception as e:  # noqa: BLE001 - the rows written beside it are kept
+                    warnings.warn(f"dimscope: a training scalar could not be read from its device and is recorded as NaN: {e!r}",
+                                  RuntimeWarning, stacklevel=2)
+                    vals.append(float("nan"))
         for i, v in zip(idx, vals):
             r = rows[i]
             out[i] = (r[0], r[1], r[2], r[3], float(v), r[5], r[6])

@@ -178,7 +178,7 @@ class DimscopeCallback(Callback):
             return
         loss = _loss_of(outputs)
         if loss is not None:
-            loss = loss.float()  # summed in float32 (a bf16 sum rounds)
+            loss = loss.to(torch.promote_types(loss.dtype, torch.float32))  # a bf16 sum rounds; float64 stays
             self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
             self._n_batches += 1
         step = trainer.global_step
