@@ -273,3 +273,30 @@ def test_fsdp2_two_processes_match_one_process(tmp_path):
     run = dimscope.open_run(tmp_path / "run")
     assert run.manifest["weight_metrics"] is False and run.manifest["distributed"]["sharded_parameters"] is True
     assert run.scalars(space="weight").empty
+
+
+def _dtensor_scalar_worker(rank: int, world: int, tmp: str) -> None:
+    import dimscope.tracker as trk
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
+    try:
+        trk._DEFER_CPU_SCALARS = True  # the path an accelerator's tensor takes
+        mesh = init_device_mesh("cpu", (world,))
+        tr = dimscope.Tracker(mlp(), probe=_probe(), every=2, layers="0", background=False)
+        for s in range(3):
+            tr.step(s, loss=distribute_tensor(torch.tensor(2.5 + s), mesh, [Replicate()]), acc=torch.tensor(0.25 * s))
+        tr.close()
+        torch.save({m: [h["value"] for h in tr.history if h["metric"] == m] for m in ("loss", "acc")}, f"{tmp}/dtensor.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_dtensor_scalar_is_read_at_step(tmp_path):
+    """A DTensor loss (tensor parallelism, loss_parallel) has no stacked read: it is read at step()
+    (deferred, it and the plain tensors beside it came out NaN)."""
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    mp.spawn(_dtensor_scalar_worker, args=(1, str(tmp_path)), nprocs=1, join=True)
+    assert torch.load(tmp_path / "dtensor.pt") == {"loss": [2.5, 3.5, 4.5], "acc": [0.0, 0.25, 0.5]}
