@@ -1124,3 +1124,87 @@ def test_a_scalar_that_cannot_be_read_later_becomes_nan_alone_and_the_measuremen
     assert list(loss.index) == [0, 1, 2, 3] and np.isnan(loss[1]) and loss.drop(1).tolist() == [1.0, 3.0, 4.0]
     assert run.training("lr").tolist() == [0.1] * 4
     assert list(run.metric("stable_rank", "0").index) == [0, 2] and run.metric("stable_rank", "0").notna().all()
+
+
+def _in_a_reader_that_cannot_write(run_dir: Path, fn):
+    """``fn()``'s result (or the exception it raised) where ``run_dir`` cannot be written: in a forked
+    child running as the 'nobody' user when the tests run as root (root writes anywhere), else with
+    the directory made read-only. The modules fn needs are imported already (the child may not reach
+    the virtual environment)."""
+    import pickle
+
+    os.chmod(run_dir, 0o555)
+    try:
+        if os.geteuid() != 0:
+            try:
+                return fn()
+            except Exception as e:  # noqa: BLE001
+                return e
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into pytest
+            try:
+                os.close(r)
+                os.setgid(65534)
+                os.setuid(65534)
+                try:
+                    out = fn()
+                except Exception as e:  # noqa: BLE001
+                    out = e
+                os.write(w, pickle.dumps(out))
+            finally:
+                os._exit(0)
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            data = f.read()
+        os.waitpid(pid, 0)
+        return pickle.loads(data)
+    finally:
+        os.chmod(run_dir, 0o755)
+
+
+def test_a_finished_run_reads_where_its_directory_cannot_be_written():
+    """A closed run on a read-only mount, or another user's: SQLite's WAL readers write an index
+    beside the database, which failed there and was reported as 'a damaged SQLite database'. A run
+    whose log still holds data (its writer is open) gets a PermissionError that says why."""
+    import tempfile
+
+    if not hasattr(os, "geteuid") or not hasattr(os, "fork"):
+        pytest.skip("POSIX users and fork are needed to read as a user who cannot write")
+    base = Path(tempfile.mkdtemp(prefix="dimscope-ro-"))  # not under pytest's private tmp: the reader must reach it
+    os.chmod(base, 0o755)
+    try:
+        model = mlp()
+        with dimscope.Tracker(model, probe=torch.randn(16, 10), every=2, layers="0", run=base / "done") as tr:
+            train(model, tr, steps=6)
+        reader = dimscope.open_run(base / "done")
+        want = reader.metric("stable_rank", "0")  # also imports what the reader needs
+        reader.close()  # the last connection: SQLite removes the log
+        assert not (base / "done" / "dimscope.sqlite-wal").exists()
+        got = _in_a_reader_that_cannot_write(base / "done", lambda: dimscope.open_run(base / "done").metric("stable_rank", "0"))
+        assert isinstance(got, pd.Series) and got.equals(want)
+
+        live = dimscope.Tracker(model, probe=torch.randn(16, 10), every=2, layers="0", run=base / "live", commit_every=1)
+        try:
+            train(model, live, steps=4)
+            assert (base / "live" / "dimscope.sqlite-wal").stat().st_size > 0
+            # a live run: SQLite reads its log through the writer's index, read-only
+            got = _in_a_reader_that_cannot_write(base / "live", lambda: dimscope.open_run(base / "live").metric("stable_rank", "0"))
+            assert isinstance(got, pd.Series) and list(got.index) == [0, 2]
+            # a copy of the database and its log made while training ran, without the index: its log cannot be read
+            # without writing the index, and an immutable read would miss what the log holds
+            (base / "copy").mkdir()
+            for name in ("dimscope.sqlite", "dimscope.sqlite-wal"):
+                (base / "copy" / name).write_bytes((base / "live" / name).read_bytes())
+            os.chmod(base / "copy", 0o755)
+            got = _in_a_reader_that_cannot_write(base / "copy", lambda: dimscope.open_run(base / "copy").metric("stable_rank", "0"))
+            assert isinstance(got, PermissionError) and "write-ahead log" in str(got) and "damaged" not in str(got)
+            copied = dimscope.open_run(base / "copy")  # where it can be written, the log is read
+            assert list(copied.metric("stable_rank", "0").index) == [0, 2]
+            copied.close()
+        finally:
+            live.close()
+    finally:
+        import shutil
+
+        shutil.rmtree(base, ignore_errors=True)

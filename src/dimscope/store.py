@@ -96,7 +96,7 @@ def _not_a_run(db: Path) -> str | None:
     if head != _SQLITE_HEADER:
         return _EMPTY if not head else "it is not a SQLite database"
     try:
-        con = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=30.0)
+        con = _read_only(db)
         try:
             tables = {name for (name,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         finally:
@@ -141,6 +141,48 @@ def _connect(db: Path) -> sqlite3.Connection:
     con.execute("PRAGMA synchronous=NORMAL")
     con.execute("PRAGMA busy_timeout=30000")
     return con
+
+
+def _cannot_write(e: sqlite3.Error) -> bool:
+    """Whether SQLite failed for want of write access (to the database, or to its directory, where a
+    WAL reader keeps its ``-shm`` index)."""
+    return isinstance(e, sqlite3.OperationalError) and ("readonly" in str(e) or "unable to open" in str(e))
+
+
+def _read_only(db: Path) -> sqlite3.Connection:
+    """A connection that only reads ``db``. Where the reader cannot write the run's directory (a
+    read-only mount, another user's run), SQLite cannot open the WAL index; a run with no write-ahead
+    log left (closed by its writer) is then read as an immutable file, which is exact. A run whose
+    log still holds data (training may still be writing it) cannot be read without write access:
+    that is a PermissionError which says so."""
+    uri = db.resolve().as_uri()
+    try:
+        con = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=30.0, check_same_thread=False)
+        con.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        return con
+    except sqlite3.Error as e:
+        if not _cannot_write(e):
+            raise
+        first = e
+    wal = db.with_name(db.name + "-wal")
+    if wal.exists() and wal.stat().st_size > 0:
+        raise PermissionError(
+            f"The run {db} cannot be read without write access to {db.parent}: its write-ahead log {wal.name} still holds "
+            f"data (training may still be writing it), and SQLite's readers of such a log write its index there ({first}). "
+            "Open it from a place you can write, or copy the run directory after the writer has closed it."
+        ) from first
+    return sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, timeout=30.0, check_same_thread=False)
+
+
+def _connect_reader(db: Path) -> sqlite3.Connection:
+    """A reader's connection: the writer's settings where the run's directory can be written (the
+    reader then follows a run that training is still writing), else :func:`_read_only`."""
+    try:
+        return _connect(db)
+    except sqlite3.Error as e:
+        if not _cannot_write(e):
+            raise
+    return _read_only(db)
 
 
 class RunStore:
@@ -343,7 +385,7 @@ class Run:
         if why is not None:
             raise ValueError(f"{self.db_path} is not a dimscope run: {why}.")
         self.path = self.db_path.parent
-        self._con = _connect(self.db_path)
+        self._con = _connect_reader(self.db_path)
 
     def _df(self, sql: str, params: Iterable[Any] = ()) -> pd.DataFrame:
         return pd.read_sql_query(sql, self._con, params=list(params))
