@@ -1208,3 +1208,40 @@ def test_a_finished_run_reads_where_its_directory_cannot_be_written():
         import shutil
 
         shutil.rmtree(base, ignore_errors=True)
+
+
+class PrefixTok(Tok):
+    """A model that puts a learned prefix token before the sequence: its output has T + 1 positions."""
+
+    def __init__(self):
+        super().__init__()
+        self.prefix = nn.Parameter(torch.randn(1, 1, 6))
+        self.out = nn.Identity()
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.emb(input_ids)
+        return self.out(torch.cat([self.prefix.expand(h.shape[0], 1, 6), h], dim=1))
+
+
+def test_a_layer_whose_positions_differ_from_the_masks_is_measured_whole_with_one_warning(tmp_path):
+    """The attention mask is (B, T); a layer after a prefix token gives (B, T + 1, D): its padding
+    cannot be dropped. It is measured on every position, with one warning naming it; the layer
+    that matches the mask keeps only the real tokens. An all-ones mask (no padding) warns not."""
+    model = PrefixTok()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 20, (8, 5), generator=g)
+    mask = torch.ones(8, 5, dtype=torch.long)
+    mask[:3, 3:] = 0
+    with pytest.warns(RuntimeWarning, match=r"layer 'out' gives \(B, T, D\) = \(8, 6, 6\) at step 0, but the attention mask is \(8, 5\)") as rec:
+        with dimscope.Tracker(model, probe={"input_ids": ids, "attention_mask": mask}, every=1, layers=["emb", "out"],
+                              run=tmp_path / "p", weight_metrics=False, background=False) as tr:
+            for s in range(3):
+                tr.step(s)
+    assert sum("cannot be dropped" in str(w.message) for w in rec) == 1
+    n = dimscope.open_run(tmp_path / "p").scalars(space="activation").groupby("layer").n_samples.unique()
+    assert n["emb"].tolist() == [34] and n["out"].tolist() == [48]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with dimscope.Tracker(model, probe={"input_ids": ids, "attention_mask": torch.ones(8, 5)}, every=1, layers=["out"],
+                              run=tmp_path / "q", weight_metrics=False, background=False) as tr:
+            tr.step(0)

@@ -577,6 +577,7 @@ class Tracker:
         self._nonfinite_warned: set[str] = set()
         self._failure_warned: set[str] = set()
         self._silent_warned: set[str] = set()  # layers that gave no output in a forward (a warning each)
+        self._mask_warned: set[str] = set()  # (B, T, D) layers whose T is not the attention mask's (a warning each)
         self.errors: list[BaseException] = []  # measurements that failed (synchronous mode)
 
         where = self._resolve_background(background)  # validated before the store records a session
@@ -826,9 +827,22 @@ class Tracker:
                 )
             if outs:
                 self._warn_silent_layers(outs, step, "in the training forward", "the forward did not call it, or called it without grad")
-            feats["batch"] = self._features(_drop_padding(outs, self._batch_capture.mask), step)
+            feats["batch"] = self._features(self._unpadded(outs, self._batch_capture.mask, step), step)
             self._batch_capture.clear()
         return feats
+
+    def _unpadded(self, outs: dict[str, torch.Tensor], mask: torch.Tensor | None, step: int) -> dict[str, torch.Tensor]:
+        """:func:`_drop_padding`, with a warning (once per layer) for a (B, T', D) output whose (B, T')
+        is not the mask's (B, T) while the mask marks padding: that layer is measured with it."""
+        if mask is not None:
+            odd = [k for k, v in outs.items() if v.ndim == 3 and tuple(v.shape[:2]) != tuple(mask.shape) and k not in self._mask_warned]
+            if odd and not bool(mask.all()):
+                for k in odd:
+                    self._mask_warned.add(k)
+                    warnings.warn(f"dimscope: layer {k!r} gives (B, T, D) = {tuple(outs[k].shape)} at step {step}, but the "
+                                  f"attention mask is {tuple(mask.shape)}: its padding positions cannot be dropped and are "
+                                  "measured with the real tokens (this warning is not repeated).", RuntimeWarning, stacklevel=4)
+        return _drop_padding(outs, mask)
 
     def _warn_silent_layers(self, outs: Mapping[str, Any], step: int, where: str, why: str) -> None:
         """Warn (once per layer) about a tracked layer that gave no output in a forward."""
@@ -848,7 +862,7 @@ class Tracker:
                            f"at step {step}: the probe must be an input the model accepts.")
             raise
         self._warn_silent_layers(outs, step, "in the probe forward", "the forward did not call it")
-        return self._features(_drop_padding(outs, self._probe_mask), step)
+        return self._features(self._unpadded(outs, self._probe_mask, step), step)
 
     def _features(self, outs: Mapping[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         """Each layer's output as a feature matrix; a layer whose output cannot be one (a scalar) is
