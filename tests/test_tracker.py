@@ -1187,6 +1187,7 @@ def test_a_finished_run_reads_where_its_directory_cannot_be_written():
         live = dimscope.Tracker(model, probe=torch.randn(16, 10), every=2, layers="0", run=base / "live", commit_every=1)
         try:
             train(model, live, steps=4)
+            live.flush()  # measured and committed (a measurement thread may still hold them)
             assert (base / "live" / "dimscope.sqlite-wal").stat().st_size > 0
             # a live run: SQLite reads its log through the writer's index, read-only
             got = _in_a_reader_that_cannot_write(base / "live", lambda: dimscope.open_run(base / "live").metric("stable_rank", "0"))
