@@ -1126,88 +1126,153 @@ def test_a_scalar_that_cannot_be_read_later_becomes_nan_alone_and_the_measuremen
     assert list(run.metric("stable_rank", "0").index) == [0, 2] and run.metric("stable_rank", "0").notna().all()
 
 
-def _in_a_reader_that_cannot_write(run_dir: Path, fn):
-    """``fn()``'s result (or the exception it raised) where ``run_dir`` cannot be written: in a forked
-    child running as the 'nobody' user when the tests run as root (root writes anywhere), else with
-    the directory made read-only. The modules fn needs are imported already (the child may not reach
-    the virtual environment)."""
-    import pickle
+class _ReaderWhoCannotWrite:
+    """A forked child that calls ``fn()`` whenever asked and sends back its result (or the exception
+    it raised), as the 'nobody' user when the tests run as root (root writes anywhere); otherwise the
+    caller makes the directory read-only. Forked before any connection to the run is open in this
+    process, so that it inherits no SQLite state; the modules fn needs must be imported already (the
+    child may not reach the virtual environment)."""
 
-    os.chmod(run_dir, 0o555)
-    try:
-        if os.geteuid() != 0:
+    def __init__(self, fn) -> None:
+        import pickle
+
+        cmd_r, self._cmd = os.pipe()
+        self._res, res_w = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:  # the child: never returns into pytest
             try:
-                return fn()
-            except Exception as e:  # noqa: BLE001
-                return e
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child: never returns into pytest
-            try:
-                os.close(r)
-                os.setgid(65534)
-                os.setuid(65534)
-                try:
-                    out = fn()
-                except Exception as e:  # noqa: BLE001
-                    out = e
-                os.write(w, pickle.dumps(out))
+                os.close(self._cmd)
+                os.close(self._res)
+                if os.geteuid() == 0:
+                    os.setgroups([])
+                    os.setgid(65534)
+                    os.setuid(65534)
+                while os.read(cmd_r, 1) == b"r":
+                    try:
+                        out = fn()
+                    except Exception as e:  # noqa: BLE001
+                        out = e
+                    data = pickle.dumps(out)
+                    os.write(res_w, len(data).to_bytes(8, "little"))
+                    for a in range(0, len(data), 65536):
+                        os.write(res_w, data[a : a + 65536])
             finally:
                 os._exit(0)
-        os.close(w)
-        with os.fdopen(r, "rb") as f:
-            data = f.read()
-        os.waitpid(pid, 0)
-        return pickle.loads(data)
-    finally:
-        os.chmod(run_dir, 0o755)
+        os.close(cmd_r)
+        os.close(res_w)
+
+    def _read_exactly(self, n: int) -> bytes:
+        out = b""
+        while len(out) < n:
+            chunk = os.read(self._res, n - len(out))
+            assert chunk, "the reader process ended"
+            out += chunk
+        return out
+
+    def __call__(self):
+        import pickle
+
+        os.write(self._cmd, b"r")
+        return pickle.loads(self._read_exactly(int.from_bytes(self._read_exactly(8), "little")))
+
+    def close(self) -> None:
+        os.write(self._cmd, b"q")
+        os.waitpid(self.pid, 0)
+        os.close(self._cmd)
+        os.close(self._res)
 
 
-def test_a_finished_run_reads_where_its_directory_cannot_be_written():
-    """A closed run on a read-only mount, or another user's: SQLite's WAL readers write an index
-    beside the database, which failed there and was reported as 'a damaged SQLite database'. A run
-    whose log still holds data (its writer is open) gets a PermissionError that says why."""
+def _steps_as_read(run_dir: Path):
+    """A reader that keeps one Run open across calls and returns the steps of layer 0's stable rank."""
+    held = {}
+
+    def read():
+        if "run" not in held:
+            held["run"] = dimscope.open_run(run_dir)
+        return held["run"].metric("stable_rank", "0")
+
+    return read
+
+
+_WRITER = """
+import sys, torch, dimscope
+from torch import nn
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 3))
+tr = dimscope.Tracker(model, probe=torch.randn(16, 10), every=2, layers="0", run=sys.argv[1], background=False)
+for s in range(4):
+    tr.step(s, loss=1.0)
+tr.flush()
+print("ready", flush=True)
+sys.stdin.readline()
+tr.close()
+"""
+
+
+def test_a_run_reads_where_its_directory_cannot_be_written():
+    """A run on a read-only mount, or another user's: SQLite's WAL readers write an index beside the
+    database, which failed there and was reported as 'a damaged SQLite database'. Now a closed run
+    is read as an immutable file and reread when a writer resumes it; a run that another process is
+    writing is read through its writer's index; a copy whose log holds data without the index gets a
+    PermissionError that says why."""
+    import shutil
     import tempfile
 
     if not hasattr(os, "geteuid") or not hasattr(os, "fork"):
         pytest.skip("POSIX users and fork are needed to read as a user who cannot write")
     base = Path(tempfile.mkdtemp(prefix="dimscope-ro-"))  # not under pytest's private tmp: the reader must reach it
     os.chmod(base, 0o755)
+    readers = []
     try:
         model = mlp()
         with dimscope.Tracker(model, probe=torch.randn(16, 10), every=2, layers="0", run=base / "done") as tr:
             train(model, tr, steps=6)
-        reader = dimscope.open_run(base / "done")
-        want = reader.metric("stable_rank", "0")  # also imports what the reader needs
-        reader.close()  # the last connection: SQLite removes the log
+        with dimscope.open_run(base / "done") as reader:  # also imports what the reader needs
+            want = reader.metric("stable_rank", "0")
         assert not (base / "done" / "dimscope.sqlite-wal").exists()
-        got = _in_a_reader_that_cannot_write(base / "done", lambda: dimscope.open_run(base / "done").metric("stable_rank", "0"))
-        assert isinstance(got, pd.Series) and got.equals(want)
 
-        live = dimscope.Tracker(model, probe=torch.randn(16, 10), every=2, layers="0", run=base / "live", commit_every=1)
+        # a closed run: read, then read again after a writer resumed it
+        os.chmod(base / "done", 0o555)
+        readers.append(_ReaderWhoCannotWrite(_steps_as_read(base / "done")))
+        got = readers[-1]()
+        assert isinstance(got, pd.Series) and got.equals(want)
+        os.chmod(base / "done", 0o755)
+        with dimscope.Tracker(model, probe=torch.randn(16, 10), every=2, layers="0", run=base / "done") as tr:
+            train(model, tr, steps=4, start=6)
+        os.chmod(base / "done", 0o555)
+        got = readers[-1]()
+        assert isinstance(got, pd.Series) and list(got.index) == [0, 2, 4, 6, 8] and got.loc[[0, 2, 4]].equals(want)
+
+        # a live run, written by another process (this one holds no connection to it)
+        writer = subprocess.Popen([sys.executable, "-c", _WRITER, str(base / "live")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:
-            train(model, live, steps=4)
-            live.flush()  # measured and committed (a measurement thread may still hold them)
-            assert (base / "live" / "dimscope.sqlite-wal").stat().st_size > 0
-            # a live run: SQLite reads its log through the writer's index, read-only
-            got = _in_a_reader_that_cannot_write(base / "live", lambda: dimscope.open_run(base / "live").metric("stable_rank", "0"))
+            assert writer.stdout.readline().strip() == "ready"
+            os.chmod(base / "live", 0o555)
+            readers.append(_ReaderWhoCannotWrite(_steps_as_read(base / "live")))
+            got = readers[-1]()
             assert isinstance(got, pd.Series) and list(got.index) == [0, 2]
-            # a copy of the database and its log made while training ran, without the index: its log cannot be read
-            # without writing the index, and an immutable read would miss what the log holds
+            # a copy of the database and its log made while training ran, without the index: its log cannot be
+            # read without writing the index, and an immutable read would miss what the log holds
             (base / "copy").mkdir()
             for name in ("dimscope.sqlite", "dimscope.sqlite-wal"):
                 (base / "copy" / name).write_bytes((base / "live" / name).read_bytes())
-            os.chmod(base / "copy", 0o755)
-            got = _in_a_reader_that_cannot_write(base / "copy", lambda: dimscope.open_run(base / "copy").metric("stable_rank", "0"))
+            assert (base / "copy" / "dimscope.sqlite-wal").stat().st_size > 0
+            os.chmod(base / "copy", 0o555)
+            readers.append(_ReaderWhoCannotWrite(_steps_as_read(base / "copy")))
+            got = readers[-1]()
             assert isinstance(got, PermissionError) and "write-ahead log" in str(got) and "damaged" not in str(got)
-            copied = dimscope.open_run(base / "copy")  # where it can be written, the log is read
-            assert list(copied.metric("stable_rank", "0").index) == [0, 2]
-            copied.close()
         finally:
-            live.close()
+            writer.communicate("close\n", timeout=60)
+        assert writer.returncode == 0
+        os.chmod(base / "copy", 0o755)
+        with dimscope.open_run(base / "copy") as copied:  # where it can be written, the log is read
+            assert list(copied.metric("stable_rank", "0").index) == [0, 2]
     finally:
-        import shutil
-
+        for r in readers:
+            r.close()
+        for d in ("done", "live", "copy"):
+            if (base / d).exists():
+                os.chmod(base / d, 0o755)
         shutil.rmtree(base, ignore_errors=True)
 
 

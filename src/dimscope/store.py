@@ -96,7 +96,7 @@ def _not_a_run(db: Path) -> str | None:
     if head != _SQLITE_HEADER:
         return _EMPTY if not head else "it is not a SQLite database"
     try:
-        con = _read_only(db)
+        con, _ = _read_only(db)
         try:
             tables = {name for (name,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         finally:
@@ -137,52 +137,67 @@ def _json_default(o: Any) -> Any:
 
 def _connect(db: Path) -> sqlite3.Connection:
     con = sqlite3.connect(str(db), timeout=30.0, check_same_thread=False, isolation_level=None)
-    con.execute("PRAGMA journal_mode=WAL")
-    con.execute("PRAGMA synchronous=NORMAL")
-    con.execute("PRAGMA busy_timeout=30000")
+    try:
+        con.execute("PRAGMA journal_mode=WAL")
+        con.execute("PRAGMA synchronous=NORMAL")
+        con.execute("PRAGMA busy_timeout=30000")
+    except BaseException:
+        con.close()
+        raise
     return con
 
 
-def _cannot_write(e: sqlite3.Error) -> bool:
+def _cannot_write(e: BaseException) -> bool:
     """Whether SQLite failed for want of write access (to the database, or to its directory, where a
-    WAL reader keeps its ``-shm`` index)."""
+    WAL reader keeps its ``-shm`` index): SQLITE_READONLY and its variants, SQLITE_CANTOPEN. A
+    damaged file fails otherwise ("malformed", "not a database")."""
     return isinstance(e, sqlite3.OperationalError) and ("readonly" in str(e) or "unable to open" in str(e))
 
 
-def _read_only(db: Path) -> sqlite3.Connection:
-    """A connection that only reads ``db``. Where the reader cannot write the run's directory (a
-    read-only mount, another user's run), SQLite cannot open the WAL index; a run with no write-ahead
-    log left (closed by its writer) is then read as an immutable file, which is exact. A run whose
-    log still holds data (training may still be writing it) cannot be read without write access:
-    that is a PermissionError which says so."""
+def _file_state(db: Path) -> tuple[int, int, bool]:
+    """What changes when a writer opens or writes ``db``: its mtime and size, and whether a log exists."""
+    st = db.stat()
+    return st.st_mtime_ns, st.st_size, db.with_name(db.name + "-wal").exists()
+
+
+def _read_only(db: Path) -> tuple[sqlite3.Connection, bool]:
+    """A connection that only reads ``db``, and whether it is immutable. Where the reader cannot write
+    the run's directory (a read-only mount, another user's run), SQLite reads a live run's log
+    through its writer's index if it may read that, and cannot open a closed run's log at all: a run
+    with no log left (closed by its writer) is then read as an immutable file, which is exact until a
+    writer opens it again (:class:`Run` then reopens). A log that holds data without a readable index
+    (a copy made while training ran) cannot be read without write access: a PermissionError says so."""
     uri = db.resolve().as_uri()
+    first: sqlite3.Error | None = None
+    con = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=30.0, check_same_thread=False)
     try:
-        con = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=30.0, check_same_thread=False)
         con.execute("SELECT count(*) FROM sqlite_master").fetchone()
-        return con
+        return con, False
     except sqlite3.Error as e:
+        con.close()
         if not _cannot_write(e):
             raise
         first = e
     wal = db.with_name(db.name + "-wal")
     if wal.exists() and wal.stat().st_size > 0:
-        raise PermissionError(
-            f"The run {db} cannot be read without write access to {db.parent}: its write-ahead log {wal.name} still holds "
-            f"data (training may still be writing it), and SQLite's readers of such a log write its index there ({first}). "
-            "Open it from a place you can write, or copy the run directory after the writer has closed it."
-        ) from first
-    return sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, timeout=30.0, check_same_thread=False)
+        msg = (f"The run {db} cannot be read without write access to {db.parent}: its write-ahead log {wal.name} still holds "
+               f"data (training may still be writing it), and SQLite cannot read that log here ({first}). "
+               "Open it from a place you can write, or copy the run directory after the writer has closed it.")
+        first = None  # no reference cycle through the traceback
+        raise PermissionError(msg)
+    return sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, timeout=30.0, check_same_thread=False), True
 
 
-def _connect_reader(db: Path) -> sqlite3.Connection:
-    """A reader's connection: the writer's settings where the run's directory can be written (the
-    reader then follows a run that training is still writing), else :func:`_read_only`."""
+def _connect_reader(db: Path) -> tuple[sqlite3.Connection, str]:
+    """A reader's connection and its kind: ``"rw"`` (the writer's settings) where the run's directory
+    can be written, else ``"ro"`` or ``"immutable"`` (:func:`_read_only`)."""
     try:
-        return _connect(db)
+        return _connect(db), "rw"
     except sqlite3.Error as e:
         if not _cannot_write(e):
             raise
-    return _read_only(db)
+    con, immutable = _read_only(db)
+    return con, "immutable" if immutable else "ro"
 
 
 class RunStore:
@@ -385,14 +400,40 @@ class Run:
         if why is not None:
             raise ValueError(f"{self.db_path} is not a dimscope run: {why}.")
         self.path = self.db_path.parent
-        self._con = _connect_reader(self.db_path)
+        self._conn, self._kind = _connect_reader(self.db_path)
+        self._state = _file_state(self.db_path) if self._kind == "immutable" else None
+
+    def _query(self, fn: Any) -> Any:
+        """``fn(connection)``. A reader that cannot write the run's directory follows a writer too:
+        an immutable connection is reopened once the file changes (a writer resumed the run), and a
+        query retries, reopening, when SQLite cannot use the writer's index at that moment
+        (SQLITE_READONLY_RECOVERY while the writer checkpoints, or the index gone when it closed)."""
+        for attempt in range(50):
+            if self._kind == "immutable" and _file_state(self.db_path) != self._state:
+                self._reopen()
+            try:
+                return fn(self._conn)
+            except sqlite3.OperationalError as e:
+                if not _cannot_write(e) or attempt == 49:  # a reader never writes: this is about the index
+                    raise
+            time.sleep(min(0.002 * (attempt + 1), 0.05))
+            self._reopen()
+        raise AssertionError("unreachable")
+
+    def _reopen(self) -> None:
+        self._conn.close()
+        self._conn, self._kind = _connect_reader(self.db_path)
+        self._state = _file_state(self.db_path) if self._kind == "immutable" else None
+
+    def _rows(self, sql: str, params: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
+        return self._query(lambda con: con.execute(sql, tuple(params)).fetchall())
 
     def _df(self, sql: str, params: Iterable[Any] = ()) -> pd.DataFrame:
-        return pd.read_sql_query(sql, self._con, params=list(params))
+        return self._query(lambda con: pd.read_sql_query(sql, con, params=list(params)))
 
     @property
     def manifest(self) -> dict[str, Any]:
-        rows = self._con.execute("SELECT key, value FROM manifest").fetchall()
+        rows = self._rows("SELECT key, value FROM manifest")
         return {k: json.loads(v) for k, v in rows}
 
     @property
@@ -405,19 +446,19 @@ class Run:
         layer with stored values (an appended session that tracked other layers hides none)."""
         m = list(self.manifest.get("layers") or [])
         if self._has_table("measured"):  # one row per layer and measurement: small, indexed by layer
-            rows = self._con.execute("SELECT layer FROM measured GROUP BY layer ORDER BY MIN(rowid)").fetchall()
+            rows = self._rows("SELECT layer FROM measured GROUP BY layer ORDER BY MIN(rowid)")
         else:
-            rows = self._con.execute("SELECT layer FROM scalars WHERE space != 'training' GROUP BY layer ORDER BY MIN(rowid)").fetchall()
+            rows = self._rows("SELECT layer FROM scalars WHERE space != 'training' GROUP BY layer ORDER BY MIN(rowid)")
         return m + [r[0] for r in rows if r[0] not in m and r[0] != ""]
 
     @property
     def metrics(self) -> list[str]:
         """The names of the activation metrics this run records."""
-        return [m for (m,) in self._con.execute("SELECT DISTINCT metric FROM scalars WHERE space = 'activation' ORDER BY metric")]
+        return [m for (m,) in self._rows("SELECT DISTINCT metric FROM scalars WHERE space = 'activation' ORDER BY metric")]
 
     @property
     def conventions(self) -> list[str]:
-        rows = self._con.execute("SELECT DISTINCT convention FROM scalars WHERE space = 'activation'").fetchall()
+        rows = self._rows("SELECT DISTINCT convention FROM scalars WHERE space = 'activation'")
         return sorted(r[0] for r in rows)
 
     def scalars(self, space: str | None = None, convention: str | None = None) -> pd.DataFrame:
@@ -463,7 +504,7 @@ class Run:
         return self.default_convention if space == "activation" else "weight"
 
     def _has_table(self, name: str) -> bool:
-        return self._con.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone() is not None
+        return bool(self._rows("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)))
 
     def metric(self, name: str, layer: str | None = None, *, space: str = "activation", convention: str | None = None) -> pd.Series:
         """One metric of one layer as a Series indexed by training step.
@@ -484,7 +525,7 @@ class Run:
             )
             label = f"{layer}/{name}"
         if df.empty:
-            known = self._con.execute("SELECT DISTINCT metric, layer, space, convention FROM scalars").fetchall()
+            known = self._rows("SELECT DISTINCT metric, layer, space, convention FROM scalars")
             where = f" convention {conv!r}" if layer is not None and space != "training" else ""
             raise KeyError(f"No values for metric {name!r} layer {layer!r} space {space!r}{where} in this run. Stored: {known[:30]}")
         s = df.drop_duplicates("step", keep="last").set_index("step")["value"].astype("float64")  # all-NaN (NULL) reads as objects
@@ -502,11 +543,11 @@ class Run:
         if limit is not None:
             limit = check_int(limit, "limit", min_value=1, owner="Run.spectra")
         where = "WHERE layer = ? AND space = ? AND convention = ?"
-        rows = self._con.execute(
+        rows = self._rows(
             f"SELECT step, n_samples, n_features, centered, trace, vals FROM spectra {where} "
             f"AND step IN (SELECT DISTINCT step FROM spectra {where} ORDER BY step LIMIT ?) ORDER BY step, rowid",
             (layer, space, conv, layer, space, conv, -1 if limit is None else limit),
-        ).fetchall()
+        )
         if not rows and layer not in self.layers:
             raise KeyError(f"No layer {layer!r} in this run. Its layers: {self.layers}")
         data = {}
@@ -541,7 +582,7 @@ class Run:
             )
         if not any(len(f) for f in frames):
             conv = self._convention(space, convention)
-            stored = self._con.execute("SELECT DISTINCT layer, space, convention FROM spectra").fetchall()
+            stored = self._rows("SELECT DISTINCT layer, space, convention FROM spectra")
             raise KeyError(
                 f"No stored spectra to recompute {metric!r} from for layer {layer if layer is not None else 'any'!r}, "
                 f"space {space!r}, convention {conv!r} (a run written with spectra=None stores none). "
@@ -559,7 +600,7 @@ class Run:
         return df
 
     def artifact(self, name: str, default: Any = KeyError) -> Any:
-        row = self._con.execute("SELECT kind, data FROM artifacts WHERE name = ?", (name,)).fetchone()
+        row = next(iter(self._rows("SELECT kind, data FROM artifacts WHERE name = ?", (name,))), None)
         if row is None:
             if default is KeyError:
                 raise KeyError(f"No artifact {name!r} in this run.")
@@ -572,7 +613,7 @@ class Run:
         return json.loads(data.decode())
 
     def artifacts(self) -> list[str]:
-        return [r[0] for r in self._con.execute("SELECT name FROM artifacts ORDER BY name").fetchall()]
+        return [r[0] for r in self._rows("SELECT name FROM artifacts ORDER BY name")]
 
     def export(self, out: str | os.PathLike[str], format: str = "csv") -> Path:
         """Write the scalars table to ``out`` as CSV or Parquet; returns the path written."""
@@ -598,7 +639,7 @@ class Run:
         return out
 
     def close(self) -> None:
-        self._con.close()
+        self._conn.close()
 
     def __enter__(self) -> Run:
         return self
