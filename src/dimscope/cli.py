@@ -152,7 +152,8 @@ def _click_errors() -> tuple[type[BaseException], ...]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI with ``argv`` (default ``sys.argv[1:]``); returns the exit code: 0, 2 for a usage
-    or input error (a message on stderr, no traceback), 1 for a file that cannot be written."""
+    or input error (a message on stderr, no traceback), 1 for a file that cannot be written or, for
+    want of permissions, read (a run whose unmerged log cannot be read without write access)."""
     args = argv if argv is not None else sys.argv[1:]
     try:
         app(args=args, standalone_mode=False)
