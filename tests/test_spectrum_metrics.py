@@ -284,3 +284,27 @@ def test_spectrum_from_gram_rejects_what_is_not_a_gram_matrix():
     X = torch.randn(50, 6)
     G = (X.T @ X).double() + 1e-9 * torch.randn(6, 6, dtype=torch.float64)
     assert len(spectrum_from_gram(G, 50, 6, centered=False).values) == 6
+
+
+@pytest.mark.parametrize("center", [True, False])
+def test_values_too_small_to_square_are_refused_not_measured_as_collapse(center):
+    """Entries under about 1e-145 square into float64's subnormal range or to 0: every metric would
+    read 0, a false collapse. They raise NonFiniteError (the Tracker records NaN with a warning), as
+    values too large to square do; 1e-140 still measures exactly as 1 does; exact zeros, and rows
+    identical before centering, stay rank 0."""
+    X = np.random.default_rng(0).standard_normal((20, 6))
+    want = dimscope.measure(X) if center else dimscope.measure(X, center=False)
+    got = spectrum(torch.tensor(X * 1e-140), center=center)
+    assert dimscope.stable_rank(got) == pytest.approx(want["stable_rank"], rel=1e-12)
+    for scale in (1e-150, 1e-170, 1e-200):
+        with pytest.raises(NonFiniteError, match="too small to square in float64"):
+            spectrum(X * scale, center=center)
+    with pytest.raises(NonFiniteError, match="too small to square in float64"):
+        weight_spectrum(torch.tensor(X * 1e-170))
+    tasks = [(torch.tensor(X * 1e-170), center, True), (torch.tensor(X), center, False), (torch.tensor(X * 1e-170), center, False),
+             (torch.zeros(20, 6, dtype=torch.float64), center, True), (torch.tensor(X), None, True)]
+    out = batch_spectra(tasks)
+    assert isinstance(out[0], NonFiniteError) and isinstance(out[2], NonFiniteError) and "too small" in str(out[0])
+    assert not isinstance(out[1], BaseException) and not isinstance(out[4], BaseException)
+    assert out[3].values.sum() == 0.0
+    assert dimscope.stable_rank(spectrum(np.ones((5, 3)) * 1e-170, center=True)) == 0.0  # identical rows center to 0

@@ -148,7 +148,7 @@ def test_nan_activations_warn_and_store_nan_while_training_goes_on(tmp_path):
         with dimscope.Tracker(model, every=1, layers="3", mode="batch", run=tmp_path / "n", background=False, weight_metrics=False) as tr:
             train(model, tr, steps=8, bad_at=5)
     msgs = [str(x.message) for x in w]
-    assert any("NaN or Inf activations (or values too large for float64) in layer '3' at step 5" in m for m in msgs)
+    assert any("NaN or Inf activations (or values too large or too small for float64) in layer '3' at step 5" in m for m in msgs)
     s = dimscope.open_run(tmp_path / "n").metric("stable_rank", "3")
     assert list(s.index) == list(range(8))
     assert s.loc[:4].notna().all() and s.loc[5:].isna().all()
@@ -1311,3 +1311,14 @@ def test_a_layer_whose_positions_differ_from_the_masks_is_measured_whole_with_on
         with dimscope.Tracker(model, probe={"input_ids": ids, "attention_mask": torch.ones(8, 5)}, every=1, layers=["out"],
                               run=tmp_path / "q", weight_metrics=False, background=False) as tr:
             tr.step(0)
+
+
+def test_activations_too_small_for_float64_are_nan_with_a_warning_not_a_false_collapse(tmp_path):
+    model = nn.Sequential(nn.Linear(10, 8, bias=False)).double()
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        with dimscope.Tracker(model, probe=torch.randn(16, 10, dtype=torch.float64) * 1e-170, every=1, layers="0",
+                              run=tmp_path / "t", background=False, weight_metrics=False) as tr:
+            tr.step(0)
+    assert any("too small for float64) in layer '0' at step 0" in str(x.message) for x in w)
+    assert dimscope.open_run(tmp_path / "t").metric("stable_rank", "0").isna().all()

@@ -427,6 +427,7 @@ def _grams64(
     per = max(1, _CHUNK_BYTES // (8 * n * d))  # matrices per chunk: the float64 copies stay in cache
     ws = workspace if ts[0].device.type == "cpu" else None
     K = len(ts)
+    tiny: list[torch.Tensor] = []  # per chunk: which Gram matrices underflowed (values too small to square)
     G = ws.get(f"gram{slot}", K, (m, m)) if ws is not None else torch.empty((K, m, m), dtype=torch.float64, device=ts[0].device)
     for a in range(0, K, per):
         chunk = [t.detach().reshape(n, d) for t in ts[a : a + per]]
@@ -439,9 +440,17 @@ def _grams64(
             X = X.to(torch.float64, copy=len(chunk) == 1 and bool(center))  # a private copy where it is changed
         if center:
             _center_(X, 1)
-        torch.matmul(X, X.mT, out=G[a : a + len(chunk)]) if n <= d else torch.matmul(X.mT, X, out=G[a : a + len(chunk)])
+        Gc = G[a : a + len(chunk)]
+        torch.matmul(X, X.mT, out=Gc) if n <= d else torch.matmul(X.mT, X, out=Gc)
+        small = Gc.diagonal(dim1=1, dim2=2).amax(-1) < _TINY_GRAM
+        if X.device.type != "cpu":  # no wait for the device: the flags come back with the Grams
+            tiny.append(small & X.flatten(1).ne(0).any(1))
+        elif bool(small.any()):  # rare: only then the extra pass over X
+            tiny.append(small & X.flatten(1).ne(0).any(1))
+        else:
+            tiny.append(small)
     Gn = G.cpu().numpy()
-    finite = np.isfinite(np.diagonal(Gn, axis1=1, axis2=2)).all(axis=1)
+    finite = np.isfinite(np.diagonal(Gn, axis1=1, axis2=2)).all(axis=1) & ~torch.cat(tiny).cpu().numpy()
     if center is not None:
         Gn /= float(max(n - (1 if center else 0), 1))
     return Gn, finite, n, d
@@ -512,7 +521,8 @@ def batch_spectra(
         for j, i in enumerate(idx):
             if not finite[j]:
                 what = "weight" if center is None else "feature"
-                out[i] = NonFiniteError(f"The {what} matrix holds NaN or Inf values, or values too large to square in float64 (|x| > 1e154).")
+                out[i] = NonFiniteError(f"The {what} matrix holds NaN or Inf values, or values too large or too small to square in "
+                                        f"float64 (|x| > 1e154, or a largest |x| under about 1e-145 but not 0).")
                 continue
             if tasks[i][2]:
                 full.setdefault(Gn.shape[1], []).append((i, Gn[j], n, d))
@@ -609,7 +619,19 @@ def spectrum(X: Any, center: bool = True) -> Spectrum:
     G = X @ X.T if n <= d else X.T @ X
     if not torch.isfinite(G).all():
         raise NonFiniteError("The feature matrix holds values too large to square in float64 (|x| > 1e154).")
+    if _underflows(G, X):
+        raise NonFiniteError(f"The feature matrix{' (centered)' if center else ''} holds values too small to square in float64 "
+                             "(a largest |x| under about 1e-145, but not 0): its spectrum would underflow to a false 0. Rescale it.")
     return _spectrum_from_gram(G, n, d, bool(center), False)
+
+
+# A Gram matrix whose largest diagonal entry (a squared norm) is under this, while its matrix is not
+# all zeros, has lost its values to float64's subnormal range or to 0: every metric would read 0.
+_TINY_GRAM = 1e-290
+
+
+def _underflows(G: torch.Tensor, X: torch.Tensor) -> bool:
+    return G.numel() > 0 and float(G.diagonal().max()) < _TINY_GRAM and bool(X.ne(0).any())
 
 
 def weight_spectrum(W: Any) -> Spectrum:
@@ -627,5 +649,8 @@ def weight_spectrum(W: Any) -> Spectrum:
     G = W @ W.T if n <= d else W.T @ W
     if not torch.isfinite(G).all():
         raise NonFiniteError("The weight matrix holds values too large to square in float64 (|w| > 1e154).")
+    if _underflows(G, W):
+        raise NonFiniteError("The weight matrix holds values too small to square in float64 (a largest |w| under about 1e-145, "
+                             "but not 0): its spectrum would underflow to a false 0. Rescale it.")
     ev = _eigvalsh_desc(G)
     return Spectrum(ev[: min(n, d)].copy(), n, d, centered=False)

@@ -1063,7 +1063,7 @@ class Tracker:
                 if space == "activation" and layer not in self._nonfinite_warned:
                     self._nonfinite_warned.add(layer)
                     warnings.warn(
-                        f"dimscope: NaN or Inf activations (or values too large for float64) in layer {layer!r} at step {step}; its metrics are "
+                        f"dimscope: NaN or Inf activations (or values too large or too small for float64) in layer {layer!r} at step {step}; its metrics are "
                         "recorded as NaN and training goes on.",
                         RuntimeWarning,
                         stacklevel=4,
