@@ -302,7 +302,7 @@ def test_nan_after_a_failure_still_warns(tmp_path):
             for step in range(3):
                 tr.step(step, loss=1.0)
     msgs = [str(x.message) for x in w]
-    assert any("NaN or Inf activations (or values too large for float64) in layer '0' at step 1" in m for m in msgs)
+    assert any("NaN or Inf activations (or values too large or too small for float64) in layer '0' at step 1" in m for m in msgs)
 
 
 def test_metrics_of_a_nan_spectrum_are_nan():

@@ -1,6 +1,7 @@
 """Metrics against analytic spectra, centered and uncentered, both sides of the Gram trick."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -288,7 +289,7 @@ def test_spectrum_from_gram_rejects_what_is_not_a_gram_matrix():
 
 @pytest.mark.parametrize("center", [True, False])
 def test_values_too_small_to_square_are_refused_not_measured_as_collapse(center):
-    """Entries under about 1e-145 square into float64's subnormal range or to 0: every metric would
+    """Entries under about 1e-150 square into float64's subnormal range or to 0: every metric would
     read 0, a false collapse. They raise NonFiniteError (the Tracker records NaN with a warning), as
     values too large to square do; 1e-140 still measures exactly as 1 does; exact zeros, and rows
     identical before centering, stay rank 0."""
@@ -296,7 +297,7 @@ def test_values_too_small_to_square_are_refused_not_measured_as_collapse(center)
     want = dimscope.measure(X) if center else dimscope.measure(X, center=False)
     got = spectrum(torch.tensor(X * 1e-140), center=center)
     assert dimscope.stable_rank(got) == pytest.approx(want["stable_rank"], rel=1e-12)
-    for scale in (1e-150, 1e-170, 1e-200):
+    for scale in (1e-160, 1e-170, 1e-200):
         with pytest.raises(NonFiniteError, match="too small to square in float64"):
             spectrum(X * scale, center=center)
     with pytest.raises(NonFiniteError, match="too small to square in float64"):
@@ -308,3 +309,31 @@ def test_values_too_small_to_square_are_refused_not_measured_as_collapse(center)
     assert not isinstance(out[1], BaseException) and not isinstance(out[4], BaseException)
     assert out[3].values.sum() == 0.0
     assert dimscope.stable_rank(spectrum(np.ones((5, 3)) * 1e-170, center=True)) == 0.0  # identical rows center to 0
+
+
+@pytest.mark.parametrize(
+    "call, exc, msg",
+    [
+        (lambda X: spectrum(X, center="no"), TypeError, "The 'center' parameter of spectrum must be True or False. Got 'no' instead."),
+        (lambda X: dimscope.measure(X, center=None), TypeError, "The 'center' parameter of spectrum must be True or False. Got None"),
+        (lambda X: weight_spectrum(torch.randn(4, 3, dtype=torch.cfloat)), TypeError, "The 'W' parameter of weight_spectrum must be real"),
+        (lambda X: weight_spectrum("abc"), TypeError, "The 'W' parameter of weight_spectrum must be a torch.Tensor or numpy array. Got str."),
+        (lambda X: dimscope.eps_rank(spectrum(X), eps=float("inf")), ValueError, "The 'eps' parameter of eps_rank must be a float >= 0.0 and < 1.0. Got inf"),
+        (lambda X: dimscope.eps_rank(spectrum(X), eps=1), ValueError, "The 'eps' parameter of eps_rank must be a float >= 0.0 and < 1.0. Got 1"),
+        (lambda X: dimscope.eps_rank(spectrum(X), eps=float("inf"), relative=False), ValueError, "must be a float >= 0.0 and < inf. Got inf"),
+        (lambda X: spectrum(X).top(0), ValueError, "The 'k' parameter of Spectrum.top must be an int >= 1. Got 0 instead."),
+        (lambda X: spectrum(X).top(2.5), TypeError, "The 'k' parameter of Spectrum.top must be an int >= 1. Got 2.5 instead."),
+        (lambda X: dimscope.measure(X, metrics=5), TypeError, "The 'metrics' parameter must be a metric name, a list of names, or a dict"),
+        (lambda X: dimscope.measure(X, metrics={"eps_rank": {"epsilon": 1}}), ValueError, "The 'metrics' parameter of measure gives eps_rank an unknown parameter 'epsilon'"),
+    ],
+)
+def test_bad_arguments_name_the_parameter(call, exc, msg):
+    X = np.random.default_rng(0).standard_normal((20, 6))
+    with pytest.raises(exc, match=re.escape(msg)):
+        call(X)
+
+
+def test_weight_spectrum_takes_a_negative_stride_array():
+    W = np.random.default_rng(1).standard_normal((5, 8))
+    assert weight_spectrum(W[::-1]).values == pytest.approx(weight_spectrum(W).values, rel=1e-12)
+    assert dimscope.eps_rank(spectrum(W), eps=0.0) == 4.0  # ε = 0: the numerical rank (5 centered rows)

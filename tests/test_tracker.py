@@ -169,7 +169,15 @@ def test_nan_activations_warn_and_store_nan_while_training_goes_on(tmp_path):
         (dict(metrics=["rank"]), ValueError, "unknown metric 'rank'"),
         (dict(conventions=("whitened",)), ValueError, "The 'conventions' parameter of Tracker must be one of"),
         (dict(conventions="whitened"), ValueError, "The 'conventions' parameter of Tracker must be one of 'centered', 'uncentered'. Got 'whitened'"),
-        (dict(metrics={"eps_rank": {"eps": -1}}), ValueError, "gives eps_rank a bad value: The 'eps' parameter of eps_rank must be a float >= 0.0. Got -1"),
+        (dict(metrics={"eps_rank": {"eps": -1}}), ValueError, "gives eps_rank a bad value: The 'eps' parameter of eps_rank must be a float >= 0.0 and < 1.0. Got -1"),
+        (dict(metrics={"eps_rank": {"eps": 1.0}}), ValueError, "The 'eps' parameter of eps_rank must be a float >= 0.0 and < 1.0. Got 1.0"),
+        (dict(metrics=3), TypeError, "The 'metrics' parameter must be a metric name, a list of names, or a dict of names to parameters. Got 3"),
+        (dict(metrics={"eps_rank": [1]}), TypeError, "The 'metrics' parameter must map each metric to a dict of its parameters (or None). Got"),
+        (dict(mode=None), TypeError, "The 'mode' parameter of Tracker must be 'probe', 'batch' or both (a string or a list of them). Got None"),
+        (dict(conventions=5), TypeError, "The 'conventions' parameter of Tracker must be 'centered', 'uncentered' or both"),
+        (dict(extensions=None), TypeError, "The 'extensions' parameter of Tracker must be a list of TrackerExtension objects. Got None"),
+        (dict(overwrite="no", run="unused"), TypeError, "The 'overwrite' parameter of Tracker must be True or False. Got 'no' instead."),
+        (dict(run=""), ValueError, "A run's path must name its folder or its dimscope.sqlite file. Got '', which would be the current directory"),
         (dict(metrics={"eps_rank": {"epsilon": 0.1}}), ValueError, "gives eps_rank an unknown parameter 'epsilon'. Its parameters: eps, relative."),
         (dict(metrics={"energy_rank": {"q": 2}}), ValueError, "gives energy_rank a bad value: The 'q' parameter of energy_rank must be"),
         (dict(commit_every=0), ValueError, "The 'commit_every' parameter of Tracker must be an int >= 1. Got 0 instead."),
@@ -1322,3 +1330,44 @@ def test_activations_too_small_for_float64_are_nan_with_a_warning_not_a_false_co
             tr.step(0)
     assert any("too small for float64) in layer '0' at step 0" in str(x.message) for x in w)
     assert dimscope.open_run(tmp_path / "t").metric("stable_rank", "0").isna().all()
+
+
+def test_bad_scalars_name_their_keyword_and_leave_no_partial_step(tmp_path):
+    with dimscope.Tracker(mlp(), probe=torch.randn(8, 10), every=100, layers="0", run=tmp_path / "r") as tr:
+        with pytest.raises(TypeError, match="The scalar 'loss' passed to Tracker.step must be a number or a one-element tensor. Got '0.5'."):
+            tr.step(1, loss="0.5")  # float() would parse it
+        with pytest.raises(TypeError, match="The scalar 'acc' passed to Tracker.step must be a number or a one-element tensor. Got None."):
+            tr.step(1, loss=1.0, acc=None)
+        with pytest.raises(ValueError, match=r"The scalar 'acc' passed to Tracker.step must have one element. Got shape \(2,\)."):
+            tr.step(1, loss=1.0, acc=torch.ones(2))
+        tr.step(1, loss=2.0, acc=True)
+    run = dimscope.open_run(tmp_path / "r")
+    assert run.training("loss").tolist() == [2.0] and run.training("acc").tolist() == [1.0]
+
+
+def test_a_one_dimensional_probe_output_that_is_not_one_value_per_input_warns(tmp_path):
+    """A 1-D probe is one unbatched input: a Linear layer's (8,) output would be read as 8 samples."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    with pytest.warns(RuntimeWarning, match=r"layer '0' gives a 1-D output of 8 values for a probe of 4 inputs") as rec:
+        with dimscope.Tracker(model, probe=torch.randn(4), layers=["0"], every=1, background=False, run=tmp_path / "r") as tr:
+            tr.step(0)
+            tr.step(1)
+    assert sum("1-D output" in str(w.message) for w in rec) == 1
+
+
+def test_run_readers_refuse_a_space_or_convention_the_run_does_not_store(tmp_path):
+    model = mlp()
+    with dimscope.Tracker(model, probe=torch.randn(16, 10), every=2, layers="0", run=tmp_path / "r") as tr:
+        train(model, tr, steps=4)
+    run = dimscope.open_run(tmp_path / "r")
+    with pytest.raises(ValueError, match="The 'space' parameter of Run.scalars must be one of 'activation', 'weight', 'training'. Got 'activations'"):
+        run.scalars(space="activations")
+    for call in (lambda: run.scalars(convention="centered"), lambda: run.spectra("0", convention="xx")):
+        with pytest.raises(ValueError, match="The 'convention' parameter of Run must be one this run stores: 'probe/centered', 'weight'"):
+            call()
+    assert len(run.scalars(convention="probe/centered")) > 0 and len(run.spectra("0", convention="probe/centered")) == 2
+    with pytest.raises(ValueError, match="The 'metric' parameter names an unknown metric 'foo'"):
+        run.recompute("foo")
+    with pytest.raises(ValueError, match="The 'metric' parameter of Run.recompute gives stable_rank an unknown parameter 'eps'"):
+        run.recompute("stable_rank", eps=0.1)
+    assert run.recompute("eps_rank", eps=0.1).value.notna().all()

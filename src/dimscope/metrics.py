@@ -26,6 +26,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import math
+
 import numpy as np
 
 from ._validation import check_bool, check_float
@@ -121,8 +123,9 @@ def _rankme_k(V: np.ndarray, tr: np.ndarray) -> np.ndarray:
 
 
 def _eps_rank_k(V: np.ndarray, tr: np.ndarray, eps: float = 1e-3, relative: bool = True) -> np.ndarray:
-    eps = check_float(eps, "eps", low=0.0, owner="eps_rank")
     relative = check_bool(relative, "relative", owner="eps_rank")
+    # relative: ε·λ_1 with ε >= 1 leaves nothing above it; absolute: any finite threshold
+    eps = check_float(eps, "eps", low=0.0, high=1.0 if relative else math.inf, high_inclusive=False, owner="eps_rank")
     top = _top(V)
     thr = eps * top if relative else np.full(V.shape[0], float(eps))
     out = np.where(top > 0, np.count_nonzero(V > thr[:, None], axis=1), 0).astype(np.float64)
@@ -244,24 +247,34 @@ DEFINITIONS: dict[str, str] = {
 }
 
 
-def _normalize_metric_spec(metrics: Iterable[str] | Mapping[str, Mapping[str, Any]] | None) -> dict[str, dict[str, Any]]:
+def _normalize_metric_spec(
+    metrics: Iterable[str] | Mapping[str, Mapping[str, Any]] | None, name: str = "metrics"
+) -> dict[str, dict[str, Any]]:
     if metrics is None:
         return {m: {} for m in DEFAULT_METRICS}
     if isinstance(metrics, str):
         metrics = [metrics]
     if isinstance(metrics, Mapping):
+        bad = [k for k, v in metrics.items() if v is not None and not isinstance(v, Mapping)]
+        if bad:
+            raise TypeError(f"The '{name}' parameter must map each metric to a dict of its parameters (or None). "
+                            f"Got {metrics[bad[0]]!r} for {bad[0]!r}.")
         items = [(k, dict(v or {})) for k, v in metrics.items()]
-    else:
+    elif isinstance(metrics, Iterable) and not isinstance(metrics, bytes):
         items = [(m, {}) for m in metrics]
+    else:
+        raise TypeError(f"The '{name}' parameter must be a metric name, a list of names, or a dict of names to parameters. "
+                        f"Got {metrics!r} instead.")
     out: dict[str, dict[str, Any]] = {}
-    for name, params in items:
+    param = name
+    for name, params in items:  # noqa: B020 - the parameter's own name is kept in param
         if name not in METRICS:
             import difflib
 
             close = difflib.get_close_matches(str(name), METRICS, n=3)
             hint = f" Closest: {', '.join(close)}." if close else ""
             raise ValueError(
-                f"The 'metrics' parameter names an unknown metric {name!r}. Known: {', '.join(METRICS)}.{hint}"
+                f"The '{param}' parameter names an unknown metric {name!r}. Known: {', '.join(METRICS)}.{hint}"
             )
         out[name] = params
     return out
@@ -275,28 +288,28 @@ def _defaults(name: str) -> dict[str, Any]:
 
 
 def check_metric_spec(
-    metrics: Iterable[str] | Mapping[str, Mapping[str, Any]] | None, *, owner: str | None = None
+    metrics: Iterable[str] | Mapping[str, Mapping[str, Any]] | None, *, owner: str | None = None, name: str = "metrics"
 ) -> dict[str, dict[str, Any]]:
     """The normalised metric spec, its parameters checked once, up front: an unknown parameter name
     or a value out of range is a ``ValueError`` naming the metric, the parameter and the value
     received (rather than a failure at every measurement)."""
     # numpy scalars (np.float32(1e-2), np.bool_) become Python numbers: they are stored as JSON
     spec = {name: {k: (v.item() if isinstance(v, np.generic) else v) for k, v in params.items()}
-            for name, params in _normalize_metric_spec(metrics).items()}
-    where = f" of {owner}" if owner else ""
+            for name, params in _normalize_metric_spec(metrics, name).items()}
+    param, where = name, (f" of {owner}" if owner else "")
     probe = Spectrum(np.array([2.0, 1.0, 0.0]), 4, 3, True)
     for name, params in spec.items():
         known = list(_defaults(name))
         unknown = [k for k in params if k not in known]
         if unknown:
             raise ValueError(
-                f"The 'metrics' parameter{where} gives {name} an unknown parameter {unknown[0]!r}. "
+                f"The '{param}' parameter{where} gives {name} an unknown parameter {unknown[0]!r}. "
                 f"Its parameters: {', '.join(known) or 'none'}. Got {dict(params)!r}."
             )
         try:
             METRICS[name](probe, **params)
         except (TypeError, ValueError) as e:
-            raise ValueError(f"The 'metrics' parameter{where} gives {name} a bad value: {e}") from None
+            raise ValueError(f"The '{param}' parameter{where} gives {name} a bad value: {e}") from None
     return spec
 
 
@@ -358,7 +371,8 @@ def moment_metrics(
 
 def measure(X: Any, metrics: Iterable[str] | Mapping[str, Mapping[str, Any]] | None = None, center: bool = True) -> dict[str, float]:
     """Spectrum of ``X`` (one eigendecomposition) and every requested metric of it."""
-    return compute_metrics(spectrum(X, center=center), metrics)
+    spec = check_metric_spec(metrics, owner="measure")
+    return compute_metrics(spectrum(X, center=center), spec)
 
 
 # --- ndtracker's conventions, for comparison only --------------------------------------------------

@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._validation import check_bool, check_int
+
 __all__ = ["Spectrum", "spectrum", "spectrum_from_gram", "weight_spectrum", "batch_spectra", "top_eigenvalue", "top_eigenvalues", "Moments", "NonFiniteError"]
 
 # Relative size below which a negative eigenvalue is round-off (clamped to 0); beyond it an error.
@@ -83,7 +85,10 @@ class Spectrum:
 
     def top(self, k: int | None) -> Spectrum:
         """The same spectrum truncated to its top ``k`` eigenvalues (``trace`` keeps the full sum)."""
-        if k is None or k >= len(self.values):
+        if k is None:
+            return self
+        k = check_int(k, "k", min_value=1, owner="Spectrum.top")
+        if k >= len(self.values):
             return self
         return Spectrum(self.values[:k].copy(), self.n_samples, self.n_features, self.centered, self.trace)
 
@@ -522,7 +527,7 @@ def batch_spectra(
             if not finite[j]:
                 what = "weight" if center is None else "feature"
                 out[i] = NonFiniteError(f"The {what} matrix holds NaN or Inf values, or values too large or too small to square in "
-                                        f"float64 (|x| > 1e154, or a largest |x| under about 1e-145 but not 0).")
+                                        f"float64 (|x| > 1e154, or a largest |x| under about 1e-150 but not 0).")
                 continue
             if tasks[i][2]:
                 full.setdefault(Gn.shape[1], []).append((i, Gn[j], n, d))
@@ -606,6 +611,7 @@ def spectrum(X: Any, center: bool = True) -> Spectrum:
     convention. Raises :class:`NonFiniteError` if ``X`` holds NaN or Inf.
     """
     X = _as_matrix(X)
+    center = check_bool(center, "center", owner="spectrum")
     n, d = X.shape
     if n < (2 if center else 1):
         raise ValueError(f"The 'X' parameter of spectrum needs at least {2 if center else 1} samples (rows){' to center' if center else ''}. Got {n}.")
@@ -621,13 +627,13 @@ def spectrum(X: Any, center: bool = True) -> Spectrum:
         raise NonFiniteError("The feature matrix holds values too large to square in float64 (|x| > 1e154).")
     if _underflows(G, X):
         raise NonFiniteError(f"The feature matrix{' (centered)' if center else ''} holds values too small to square in float64 "
-                             "(a largest |x| under about 1e-145, but not 0): its spectrum would underflow to a false 0. Rescale it.")
+                             "(a largest |x| under about 1e-150, but not 0): its spectrum would underflow to a false 0. Rescale it.")
     return _spectrum_from_gram(G, n, d, bool(center), False)
 
 
 # A Gram matrix whose largest diagonal entry (a squared norm) is under this, while its matrix is not
 # all zeros, has lost its values to float64's subnormal range or to 0: every metric would read 0.
-_TINY_GRAM = 1e-290
+_TINY_GRAM = 1e-300
 
 
 def _underflows(G: torch.Tensor, X: torch.Tensor) -> bool:
@@ -639,7 +645,13 @@ def weight_spectrum(W: Any) -> Spectrum:
 
     The values are σ_i(W)² (no division by n), so ``stable_rank`` is ‖W‖_F² / ‖W‖_2².
     """
-    W = torch.as_tensor(W).detach()
+    if isinstance(W, np.ndarray):
+        W = torch.from_numpy(W.copy() if any(st < 0 for st in W.strides) else W)  # torch takes no negative strides
+    if not isinstance(W, torch.Tensor):
+        raise TypeError(f"The 'W' parameter of weight_spectrum must be a torch.Tensor or numpy array. Got {type(W).__name__}.")
+    if W.is_complex():
+        raise TypeError(f"The 'W' parameter of weight_spectrum must be real. Got dtype {W.dtype}.")
+    W = W.detach()
     if W.ndim < 2:
         raise ValueError(f"A weight spectrum needs a weight of at least 2 dimensions. Got shape {tuple(W.shape)}.")
     W = W.reshape(W.shape[0], -1).to(torch.float64)
@@ -650,7 +662,7 @@ def weight_spectrum(W: Any) -> Spectrum:
     if not torch.isfinite(G).all():
         raise NonFiniteError("The weight matrix holds values too large to square in float64 (|w| > 1e154).")
     if _underflows(G, W):
-        raise NonFiniteError("The weight matrix holds values too small to square in float64 (a largest |w| under about 1e-145, "
+        raise NonFiniteError("The weight matrix holds values too small to square in float64 (a largest |w| under about 1e-150, "
                              "but not 0): its spectrum would underflow to a false 0. Rescale it.")
     ev = _eigvalsh_desc(G)
     return Spectrum(ev[: min(n, d)].copy(), n, d, centered=False)

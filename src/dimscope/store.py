@@ -71,6 +71,9 @@ CREATE TABLE IF NOT EXISTS artifacts (name TEXT PRIMARY KEY, kind TEXT NOT NULL,
 def _db_path(path: str | os.PathLike[str]) -> Path:
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"A run's path must be a str or os.PathLike (its folder, or its {DB_NAME} file). Got {path!r}.")
+    if not str(path).strip():
+        raise ValueError(f"A run's path must name its folder or its {DB_NAME} file. Got {str(path)!r}, which would be the current "
+                         "directory; pass '.' to mean that.")
     p = Path(path)
     if p.suffix in (".sqlite", ".db") or p.is_file():
         return p
@@ -470,10 +473,10 @@ class Run:
         where = []
         if space is not None:
             where.append("s.space = ?")
-            params.append(space)
+            params.append(check_choice(space, "space", SPACES, owner="Run.scalars"))
         if convention is not None:
             where.append("s.convention = ?")
-            params.append(convention)
+            params.append(self._known_convention(convention))
         cond = (" WHERE " + " AND ".join(where)) if where else ""
         if not self._has_table("measured"):  # a run written before the table existed
             df = self._df("SELECT * FROM scalars s" + cond + " ORDER BY s.step, s.rowid", params)
@@ -502,6 +505,15 @@ class Run:
         if convention is not None:
             return convention
         return self.default_convention if space == "activation" else "weight"
+
+    def _known_convention(self, convention: str) -> str:
+        """``convention`` if the run stores values under it, else a ValueError listing those it does."""
+        sql = "SELECT DISTINCT convention FROM scalars" + (" UNION SELECT DISTINCT convention FROM spectra" if self._has_table("spectra") else "")
+        known = sorted(c for (c,) in self._rows(sql) if c)
+        if convention not in known and convention not in ("weight", self.default_convention):
+            raise ValueError(f"The 'convention' parameter of Run must be one this run stores: {', '.join(map(repr, known))}. "
+                             f"Got {convention!r} instead.")
+        return convention
 
     def _has_table(self, name: str) -> bool:
         return bool(self._rows("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)))
@@ -539,7 +551,7 @@ class Run:
     def spectra(self, layer: str, *, space: str = "activation", convention: str | None = None, limit: int | None = None) -> pd.Series:
         """The stored spectra of a layer: a Series of :class:`Spectrum` indexed by step, the latest
         of each step (of the first ``limit`` steps only, if given: a long run's spectra need not all be read)."""
-        conv = self._convention(space, convention)
+        conv = self._convention(space, convention if convention is None else self._known_convention(convention))
         if limit is not None:
             limit = check_int(limit, "limit", min_value=1, owner="Run.spectra")
         where = "WHERE layer = ? AND space = ? AND convention = ?"
@@ -563,14 +575,17 @@ class Run:
         warning: the stable rank always has its value, the ε-rank when fewer than K eigenvalues pass
         the threshold, the energy rank when the top K reach q·Σλ, the other metrics never.
         """
-        from .metrics import compute_metrics
+        from .metrics import check_metric_spec, compute_metrics
 
+        if not isinstance(metric, str):
+            raise TypeError(f"The 'metric' parameter of Run.recompute must be one metric's name. Got {metric!r} instead.")
+        spec = check_metric_spec({metric: params}, owner="Run.recompute", name="metric")
         layers = [layer] if layer is not None else self.layers
         frames = []
         undetermined = 0
         for lay in layers:
             specs = self.spectra(lay, space=space, convention=convention)
-            vals = [compute_metrics(s, {metric: params})[metric] for s in specs.values]
+            vals = [compute_metrics(s, spec)[metric] for s in specs.values]
             undetermined += sum(1 for s, v in zip(specs.values, vals) if s.truncated and np.isnan(v))
             frames.append(pd.DataFrame({"step": specs.index.astype(int), "layer": lay, "value": vals}))
         if undetermined:

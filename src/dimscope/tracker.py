@@ -487,7 +487,7 @@ class Tracker:
             raise TypeError(f"The 'model' parameter of Tracker must be a torch.nn.Module. Got {type(model).__name__} instead.")
         self.model = model
         self.every = check_int(every, "every", min_value=1, owner="Tracker")
-        modes = (mode,) if isinstance(mode, str) else tuple(mode)
+        modes = (mode,) if isinstance(mode, str) else _names(mode, "mode", "'probe', 'batch' or both")
         if not modes:
             raise ValueError("The 'mode' parameter of Tracker must name at least one of 'probe', 'batch'. Got ().")
         for m in modes:
@@ -495,7 +495,7 @@ class Tracker:
         if len(set(modes)) < len(modes):
             raise ValueError(f"The 'mode' parameter of Tracker must not repeat a mode. Got {mode!r}.")
         self.modes = modes
-        self.conventions = (conventions,) if isinstance(conventions, str) else tuple(conventions)
+        self.conventions = (conventions,) if isinstance(conventions, str) else _names(conventions, "conventions", "'centered', 'uncentered' or both")
         if not self.conventions:
             raise ValueError("The 'conventions' parameter of Tracker must name at least one convention. Got ().")
         for c in self.conventions:
@@ -536,7 +536,10 @@ class Tracker:
         check_int(commit_every, "commit_every", min_value=1, owner="Tracker")
         check_float(commit_seconds, "commit_seconds", low=0.0, owner="Tracker")
         check_int(queue_size, "queue_size", min_value=1, owner="Tracker")
+        if not isinstance(extensions, Iterable) or isinstance(extensions, (str, bytes)):
+            raise TypeError(f"The 'extensions' parameter of Tracker must be a list of TrackerExtension objects. Got {extensions!r} instead.")
         extensions = list(extensions)
+        check_bool(overwrite, "overwrite", owner="Tracker")
         for i, ext in enumerate(extensions):
             missing = [m for m in _EXTENSION_METHODS if not callable(getattr(ext, m, None))]
             if missing:
@@ -554,6 +557,7 @@ class Tracker:
             n = _probe_len(probe)
             if n < 2:
                 raise ValueError(f"The 'probe' parameter of Tracker must hold at least 2 samples. Got {n}.")
+            self._probe_n = n
         if probe_batch_size is not None:
             check_int(probe_batch_size, "probe_batch_size", min_value=1, owner="Tracker")
         self.probe_batch_size = probe_batch_size
@@ -733,8 +737,8 @@ class Tracker:
         now = time.time()
         if loss is not None:
             scalars = {"loss": loss, **scalars}
-        for k, v in scalars.items():
-            self._train_rows.append((step, now, "", k, _scalar(v), "training", ""))
+        # all checked before any is kept: a bad one leaves no partial step behind
+        self._train_rows.extend([(step, now, "", k, _scalar(v, k), "training", "") for k, v in scalars.items()])
         measuring = force or step % self.every == 0
         for ext in self.extensions:
             ext.on_step(self, step, measuring)
@@ -862,6 +866,13 @@ class Tracker:
                            f"at step {step}: the probe must be an input the model accepts.")
             raise
         self._warn_silent_layers(outs, step, "in the probe forward", "the forward did not call it")
+        for name, t in outs.items():  # e.g. a 1-D probe, one unbatched input: its outputs are not samples
+            if t.ndim == 1 and t.shape[0] != self._probe_n and name not in self._mask_warned:
+                self._mask_warned.add(name)
+                warnings.warn(f"dimscope: layer {name!r} gives a 1-D output of {t.shape[0]} values for a probe of {self._probe_n} "
+                              "inputs: it is read as that many samples of one feature, which is meaningless unless the probe is a "
+                              "batch (an unbatched 1-D probe is one input; add a batch dimension) (this warning is not repeated).",
+                              RuntimeWarning, stacklevel=3)
         return self._features(self._unpadded(outs, self._probe_mask, step), step)
 
     def _features(self, outs: Mapping[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
@@ -1206,7 +1217,14 @@ def _shape(result: Any, t: torch.Tensor) -> tuple[int, int]:
 _DEFER_CPU_SCALARS = False
 
 
-def _scalar(v: Any) -> float | torch.Tensor:
+def _names(value: Any, name: str, what: str) -> tuple[Any, ...]:
+    """A tuple of ``value``'s items, or a TypeError naming the parameter (None, a number...)."""
+    if not isinstance(value, Iterable) or isinstance(value, (bytes, Mapping)):
+        raise TypeError(f"The '{name}' parameter of Tracker must be {what} (a string or a list of them). Got {value!r} instead.")
+    return tuple(value)
+
+
+def _scalar(v: Any, key: str = "loss") -> float | torch.Tensor:
     """A scalar passed to :meth:`Tracker.step`, as a float, or a one-element tensor on an accelerator
     as a private 0-d copy that is read later (:func:`_read_scalars`, when its row is written: with
     the next measurement, or at the next commit): reading it at every step would wait for the device
@@ -1215,18 +1233,20 @@ def _scalar(v: Any) -> float | torch.Tensor:
     subclass has no stacking read."""
     if isinstance(v, torch.Tensor):
         if v.numel() != 1:
-            raise ValueError(f"A scalar passed to Tracker.step must have one element. Got shape {tuple(v.shape)}.")
+            raise ValueError(f"The scalar {key!r} passed to Tracker.step must have one element. Got shape {tuple(v.shape)}.")
         if v.is_complex():
-            raise TypeError(f"Scalars passed to Tracker.step must be real. Got a tensor of dtype {v.dtype}.")
+            raise TypeError(f"The scalar {key!r} passed to Tracker.step must be real. Got a tensor of dtype {v.dtype}.")
         if v.device.type == "meta":
-            raise ValueError("A scalar passed to Tracker.step must hold a value. Got a tensor on the 'meta' device.")
+            raise ValueError(f"The scalar {key!r} passed to Tracker.step must hold a value. Got a tensor on the 'meta' device.")
         if (v.device.type == "cpu" and not _DEFER_CPU_SCALARS) or type(v) not in (torch.Tensor, nn.Parameter):
             return float(v.item())
         return v.detach().reshape(()).clone()
+    if isinstance(v, (str, bytes)) or v is None:  # float("0.5") would parse a string
+        raise TypeError(f"The scalar {key!r} passed to Tracker.step must be a number or a one-element tensor. Got {v!r}.")
     try:
         return float(v)
     except (TypeError, ValueError) as e:
-        raise TypeError(f"Scalars passed to Tracker.step must be numbers. Got {v!r}.") from e
+        raise TypeError(f"The scalar {key!r} passed to Tracker.step must be a number or a one-element tensor. Got {v!r}.") from e
 
 
 def _read_scalars(rows: list[_Row]) -> list[_Row]:
