@@ -300,3 +300,40 @@ def test_a_dtensor_scalar_is_read_at_step(tmp_path):
         pytest.skip("torch.distributed with gloo is not available")
     mp.spawn(_dtensor_scalar_worker, args=(1, str(tmp_path)), nprocs=1, join=True)
     assert torch.load(tmp_path / "dtensor.pt") == {"loss": [2.5, 3.5, 4.5], "acc": [0.0, 0.25, 0.5]}
+
+
+def _tiny_worker(rank: int, world: int, tmp: str) -> None:
+    import warnings
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 3, bias=False), torch.nn.Linear(3, 1), torch.nn.Flatten(0)).double()
+        probe = torch.randn(16, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            for name, scale in (("tiny", 1e-170), ("plain", 1.0)):
+                tr = DistributedTracker(model, probe=probe * scale, every=1, layers=["0", "2"], background=False, weight_metrics=False)
+                tr.step(0)
+                tr.close()
+                if rank == 0:
+                    torch.save({(h["layer"], h["metric"]): h["value"] for h in tr.history if h["metric"] == "stable_rank"},
+                               f"{tmp}/{name}.pt")
+        torch.save([str(x.message) for x in w], f"{tmp}/warnings{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_values_too_small_for_float64_are_nan_on_every_rank_and_per_sample_outputs_do_not_warn(tmp_path):
+    """The all-reduced Gram path (n > d) refuses an underflowing spectrum as one process does (it
+    read a false 0 before); a (B,) output of each rank's probe slice is one value per input."""
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    mp.spawn(_tiny_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    tiny, plain = torch.load(tmp_path / "tiny.pt"), torch.load(tmp_path / "plain.pt")
+    assert math.isnan(tiny[("0", "stable_rank")]) and plain[("0", "stable_rank")] > 1.0
+    assert not math.isnan(plain[("2", "stable_rank")])
+    for rank in (0, 1):
+        msgs = torch.load(tmp_path / f"warnings{rank}.pt")
+        assert not any("1-D output" in m for m in msgs), msgs
+    assert any("too small for float64) in layer '0'" in m for m in torch.load(tmp_path / "warnings0.pt"))

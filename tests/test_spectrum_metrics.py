@@ -289,7 +289,7 @@ def test_spectrum_from_gram_rejects_what_is_not_a_gram_matrix():
 
 @pytest.mark.parametrize("center", [True, False])
 def test_values_too_small_to_square_are_refused_not_measured_as_collapse(center):
-    """Entries under about 1e-150 square into float64's subnormal range or to 0: every metric would
+    """Entries under about 1e-154 square into float64's subnormal range or to 0: every metric would
     read 0, a false collapse. They raise NonFiniteError (the Tracker records NaN with a warning), as
     values too large to square do; 1e-140 still measures exactly as 1 does; exact zeros, and rows
     identical before centering, stay rank 0."""
@@ -297,7 +297,7 @@ def test_values_too_small_to_square_are_refused_not_measured_as_collapse(center)
     want = dimscope.measure(X) if center else dimscope.measure(X, center=False)
     got = spectrum(torch.tensor(X * 1e-140), center=center)
     assert dimscope.stable_rank(got) == pytest.approx(want["stable_rank"], rel=1e-12)
-    for scale in (1e-160, 1e-170, 1e-200):
+    for scale in (1e-162, 1e-170, 1e-200):
         with pytest.raises(NonFiniteError, match="too small to square in float64"):
             spectrum(X * scale, center=center)
     with pytest.raises(NonFiniteError, match="too small to square in float64"):
@@ -309,6 +309,18 @@ def test_values_too_small_to_square_are_refused_not_measured_as_collapse(center)
     assert not isinstance(out[1], BaseException) and not isinstance(out[4], BaseException)
     assert out[3].values.sum() == 0.0
     assert dimscope.stable_rank(spectrum(np.ones((5, 3)) * 1e-170, center=True)) == 0.0  # identical rows center to 0
+    # small but normal squares measure exactly: down to 1e-154, a sparse matrix of two tiny values, and
+    # near-constant rows at 1e-140 whose deviations are 1e-153
+    for scale in (1e-150, 1e-154):
+        assert dimscope.participation_ratio(spectrum(X * scale, center=center)) == pytest.approx(
+            dimscope.participation_ratio(spectrum(X, center=center)), rel=1e-9)
+    S = np.zeros((20, 30))
+    S[3, 4], S[7, 9] = 1e-150, 2e-150
+    assert dimscope.participation_ratio(spectrum(S, center=center)) == pytest.approx(
+        dimscope.participation_ratio(spectrum(S * 1e150, center=center)), rel=1e-9)
+    X0 = 1 + 1e-13 * X
+    assert dimscope.participation_ratio(spectrum(X0 * 2.0**-465, center=True)) == pytest.approx(
+        dimscope.participation_ratio(spectrum(X0, center=True)), rel=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -317,7 +329,7 @@ def test_values_too_small_to_square_are_refused_not_measured_as_collapse(center)
         (lambda X: spectrum(X, center="no"), TypeError, "The 'center' parameter of spectrum must be True or False. Got 'no' instead."),
         (lambda X: dimscope.measure(X, center=None), TypeError, "The 'center' parameter of spectrum must be True or False. Got None"),
         (lambda X: weight_spectrum(torch.randn(4, 3, dtype=torch.cfloat)), TypeError, "The 'W' parameter of weight_spectrum must be real"),
-        (lambda X: weight_spectrum("abc"), TypeError, "The 'W' parameter of weight_spectrum must be a torch.Tensor or numpy array. Got str."),
+        (lambda X: weight_spectrum("abc"), TypeError, "The 'W' parameter of weight_spectrum must be a torch.Tensor, numpy array or nested list. Got str."),
         (lambda X: dimscope.eps_rank(spectrum(X), eps=float("inf")), ValueError, "The 'eps' parameter of eps_rank must be a float >= 0.0 and < 1.0. Got inf"),
         (lambda X: dimscope.eps_rank(spectrum(X), eps=1), ValueError, "The 'eps' parameter of eps_rank must be a float >= 0.0 and < 1.0. Got 1"),
         (lambda X: dimscope.eps_rank(spectrum(X), eps=float("inf"), relative=False), ValueError, "must be a float >= 0.0 and < inf. Got inf"),

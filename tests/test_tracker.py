@@ -1336,6 +1336,8 @@ def test_bad_scalars_name_their_keyword_and_leave_no_partial_step(tmp_path):
     with dimscope.Tracker(mlp(), probe=torch.randn(8, 10), every=100, layers="0", run=tmp_path / "r") as tr:
         with pytest.raises(TypeError, match="The scalar 'loss' passed to Tracker.step must be a number or a one-element tensor. Got '0.5'."):
             tr.step(1, loss="0.5")  # float() would parse it
+        with pytest.raises(TypeError, match="The scalar 'x' passed to Tracker.step must be a number"):
+            tr.step(1, x=np.array("0.5"))
         with pytest.raises(TypeError, match="The scalar 'acc' passed to Tracker.step must be a number or a one-element tensor. Got None."):
             tr.step(1, loss=1.0, acc=None)
         with pytest.raises(ValueError, match=r"The scalar 'acc' passed to Tracker.step must have one element. Got shape \(2,\)."):
@@ -1366,6 +1368,17 @@ def test_run_readers_refuse_a_space_or_convention_the_run_does_not_store(tmp_pat
         with pytest.raises(ValueError, match="The 'convention' parameter of Run must be one this run stores: 'probe/centered', 'weight'"):
             call()
     assert len(run.scalars(convention="probe/centered")) > 0 and len(run.spectra("0", convention="probe/centered")) == 2
+    assert set(run.scalars(space="training", convention="").metric) == {"loss", "lr"}
+    # declared by the run's session but not measured yet: empty, not an error
+    with dimscope.Tracker(model, probe=torch.randn(16, 10), every=2, layers="0", run=tmp_path / "d", mode=("probe", "batch"),
+                          background=False) as tr:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # batch mode has had no training forward
+            tr.step(0)
+        tr.flush()
+        live = dimscope.open_run(tmp_path / "d")
+        assert len(live.scalars(convention="batch/centered")) == 0 and len(live.scalars(convention="probe/centered")) > 0
+        live.close()
     with pytest.raises(ValueError, match="The 'metric' parameter names an unknown metric 'foo'"):
         run.recompute("foo")
     with pytest.raises(ValueError, match="The 'metric' parameter of Run.recompute gives stable_rank an unknown parameter 'eps'"):

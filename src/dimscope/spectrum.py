@@ -527,7 +527,7 @@ def batch_spectra(
             if not finite[j]:
                 what = "weight" if center is None else "feature"
                 out[i] = NonFiniteError(f"The {what} matrix holds NaN or Inf values, or values too large or too small to square in "
-                                        f"float64 (|x| > 1e154, or a largest |x| under about 1e-150 but not 0).")
+                                        f"float64 (|x| > 1e154, or a largest |x| under about 1e-154 but not 0).")
                 continue
             if tasks[i][2]:
                 full.setdefault(Gn.shape[1], []).append((i, Gn[j], n, d))
@@ -626,14 +626,15 @@ def spectrum(X: Any, center: bool = True) -> Spectrum:
     if not torch.isfinite(G).all():
         raise NonFiniteError("The feature matrix holds values too large to square in float64 (|x| > 1e154).")
     if _underflows(G, X):
-        raise NonFiniteError(f"The feature matrix{' (centered)' if center else ''} holds values too small to square in float64 "
-                             "(a largest |x| under about 1e-150, but not 0): its spectrum would underflow to a false 0. Rescale it.")
+        raise NonFiniteError(f"The feature matrix holds values{' (after centering)' if center else ''} too small to square in float64 "
+                             "(a largest |x| under about 1e-154, but not 0): its spectrum would underflow to a false 0. Rescale it.")
     return _spectrum_from_gram(G, n, d, bool(center), False)
 
 
-# A Gram matrix whose largest diagonal entry (a squared norm) is under this, while its matrix is not
-# all zeros, has lost its values to float64's subnormal range or to 0: every metric would read 0.
-_TINY_GRAM = 1e-300
+# A Gram matrix whose largest diagonal entry (a squared norm) is under this, float64's smallest normal
+# number, while its matrix is not all zeros, has its values in the subnormal range, losing digits
+# (about 1e-5 relative at 1e-319), or at 0: every metric would read 0. Entries under about 1e-154.
+_TINY_GRAM = float(np.finfo(np.float64).tiny)
 
 
 def _underflows(G: torch.Tensor, X: torch.Tensor) -> bool:
@@ -647,8 +648,10 @@ def weight_spectrum(W: Any) -> Spectrum:
     """
     if isinstance(W, np.ndarray):
         W = torch.from_numpy(W.copy() if any(st < 0 for st in W.strides) else W)  # torch takes no negative strides
+    if isinstance(W, (list, tuple)):
+        W = torch.as_tensor(W)
     if not isinstance(W, torch.Tensor):
-        raise TypeError(f"The 'W' parameter of weight_spectrum must be a torch.Tensor or numpy array. Got {type(W).__name__}.")
+        raise TypeError(f"The 'W' parameter of weight_spectrum must be a torch.Tensor, numpy array or nested list. Got {type(W).__name__}.")
     if W.is_complex():
         raise TypeError(f"The 'W' parameter of weight_spectrum must be real. Got dtype {W.dtype}.")
     W = W.detach()
@@ -662,7 +665,7 @@ def weight_spectrum(W: Any) -> Spectrum:
     if not torch.isfinite(G).all():
         raise NonFiniteError("The weight matrix holds values too large to square in float64 (|w| > 1e154).")
     if _underflows(G, W):
-        raise NonFiniteError("The weight matrix holds values too small to square in float64 (a largest |w| under about 1e-150, "
+        raise NonFiniteError("The weight matrix holds values too small to square in float64 (a largest |w| under about 1e-154, "
                              "but not 0): its spectrum would underflow to a false 0. Rescale it.")
     ev = _eigvalsh_desc(G)
     return Spectrum(ev[: min(n, d)].copy(), n, d, centered=False)

@@ -509,8 +509,11 @@ class Run:
     def _known_convention(self, convention: str) -> str:
         """``convention`` if the run stores values under it, else a ValueError listing those it does."""
         sql = "SELECT DISTINCT convention FROM scalars" + (" UNION SELECT DISTINCT convention FROM spectra" if self._has_table("spectra") else "")
-        known = sorted(c for (c,) in self._rows(sql) if c)
-        if convention not in known and convention not in ("weight", self.default_convention):
+        known = {c for (c,) in self._rows(sql)} | {"weight", self.default_convention}
+        for s in self.manifest.get("sessions", []):  # declared, maybe not measured yet (a live run)
+            known |= {f"{m}/{c}" for m in s.get("modes", []) for c in s.get("conventions", [])}
+        if convention not in known:
+            known = sorted(c for c in known if c)
             raise ValueError(f"The 'convention' parameter of Run must be one this run stores: {', '.join(map(repr, known))}. "
                              f"Got {convention!r} instead.")
         return convention

@@ -557,7 +557,6 @@ class Tracker:
             n = _probe_len(probe)
             if n < 2:
                 raise ValueError(f"The 'probe' parameter of Tracker must hold at least 2 samples. Got {n}.")
-            self._probe_n = n
         if probe_batch_size is not None:
             check_int(probe_batch_size, "probe_batch_size", min_value=1, owner="Tracker")
         self.probe_batch_size = probe_batch_size
@@ -867,9 +866,9 @@ class Tracker:
             raise
         self._warn_silent_layers(outs, step, "in the probe forward", "the forward did not call it")
         for name, t in outs.items():  # e.g. a 1-D probe, one unbatched input: its outputs are not samples
-            if t.ndim == 1 and t.shape[0] != self._probe_n and name not in self._mask_warned:
+            if t.ndim == 1 and name not in self._mask_warned and t.shape[0] != (n := _probe_len(self.probe)):  # this rank's probe
                 self._mask_warned.add(name)
-                warnings.warn(f"dimscope: layer {name!r} gives a 1-D output of {t.shape[0]} values for a probe of {self._probe_n} "
+                warnings.warn(f"dimscope: layer {name!r} gives a 1-D output of {t.shape[0]} values for a probe of {n} "
                               "inputs: it is read as that many samples of one feature, which is meaningless unless the probe is a "
                               "batch (an unbatched 1-D probe is one input; add a batch dimension) (this warning is not repeated).",
                               RuntimeWarning, stacklevel=3)
@@ -1241,7 +1240,7 @@ def _scalar(v: Any, key: str = "loss") -> float | torch.Tensor:
         if (v.device.type == "cpu" and not _DEFER_CPU_SCALARS) or type(v) not in (torch.Tensor, nn.Parameter):
             return float(v.item())
         return v.detach().reshape(()).clone()
-    if isinstance(v, (str, bytes)) or v is None:  # float("0.5") would parse a string
+    if isinstance(v, (str, bytes)) or v is None or (isinstance(v, np.ndarray) and v.dtype.kind in "USO"):  # float("0.5") parses
         raise TypeError(f"The scalar {key!r} passed to Tracker.step must be a number or a one-element tensor. Got {v!r}.")
     try:
         return float(v)

@@ -48,7 +48,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..spectrum import NonFiniteError, Spectrum, spectrum, spectrum_from_gram
+from ..spectrum import _TINY_GRAM, NonFiniteError, Spectrum, spectrum, spectrum_from_gram
 from ..tracker import Tracker, TrackerExtension, _probe_len, _slice_probe
 
 __all__ = ["DistributedTracker", "shard_bounds"]
@@ -254,8 +254,13 @@ class DistributedTracker(Tracker):
             residual = X.sum(0)  # a second pass, as in one process: it removes the first mean's round-off
             self._all_reduce(residual)
             X = X - residual / n
-        G = X.T @ X
-        self._all_reduce(G)
+        # the Gram matrix and, in one more number, whether any rank holds a nonzero (centered) value
+        flat = torch.cat([(X.T @ X).flatten(), X.ne(0).any().to(X.dtype).reshape(1)])
+        self._all_reduce(flat)
+        G, nonzero = flat[:-1].reshape(d, d), float(flat[-1]) > 0
         if not torch.isfinite(G).all():
             raise NonFiniteError("The feature matrix holds NaN or Inf values.")
+        if nonzero and float(G.diagonal().max()) < _TINY_GRAM:  # as spectrum(): on every rank alike
+            raise NonFiniteError("The feature matrix holds values too small to square in float64 (a largest |x| under about "
+                                 "1e-154, but not 0): its spectrum would underflow to a false 0. Rescale it.")
         return spectrum_from_gram(G, n, d, centered=center)
