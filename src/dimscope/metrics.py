@@ -23,10 +23,9 @@ The ``ndt_*`` functions reproduce ndtracker's conventions for comparison only: t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
-
-import math
 
 import numpy as np
 
@@ -266,17 +265,16 @@ def _normalize_metric_spec(
         raise TypeError(f"The '{name}' parameter must be a metric name, a list of names, or a dict of names to parameters. "
                         f"Got {metrics!r} instead.")
     out: dict[str, dict[str, Any]] = {}
-    param = name
-    for name, params in items:  # noqa: B020 - the parameter's own name is kept in param
-        if name not in METRICS:
+    for metric, params in items:
+        if metric not in METRICS:
             import difflib
 
-            close = difflib.get_close_matches(str(name), METRICS, n=3)
+            close = difflib.get_close_matches(str(metric), METRICS, n=3)
             hint = f" Closest: {', '.join(close)}." if close else ""
             raise ValueError(
-                f"The '{param}' parameter names an unknown metric {name!r}. Known: {', '.join(METRICS)}.{hint}"
+                f"The '{name}' parameter names an unknown metric {metric!r}. Known: {', '.join(METRICS)}.{hint}"
             )
-        out[name] = params
+        out[metric] = params
     return out
 
 
@@ -294,22 +292,22 @@ def check_metric_spec(
     or a value out of range is a ``ValueError`` naming the metric, the parameter and the value
     received (rather than a failure at every measurement)."""
     # numpy scalars (np.float32(1e-2), np.bool_) become Python numbers: they are stored as JSON
-    spec = {name: {k: (v.item() if isinstance(v, np.generic) else v) for k, v in params.items()}
-            for name, params in _normalize_metric_spec(metrics, name).items()}
-    param, where = name, (f" of {owner}" if owner else "")
+    spec = {metric: {k: (v.item() if isinstance(v, np.generic) else v) for k, v in params.items()}
+            for metric, params in _normalize_metric_spec(metrics, name).items()}
+    where = f" of {owner}" if owner else ""
     probe = Spectrum(np.array([2.0, 1.0, 0.0]), 4, 3, True)
-    for name, params in spec.items():
-        known = list(_defaults(name))
+    for metric, params in spec.items():
+        known = list(_defaults(metric))
         unknown = [k for k in params if k not in known]
         if unknown:
             raise ValueError(
-                f"The '{param}' parameter{where} gives {name} an unknown parameter {unknown[0]!r}. "
+                f"The '{name}' parameter{where} gives {metric} an unknown parameter {unknown[0]!r}. "
                 f"Its parameters: {', '.join(known) or 'none'}. Got {dict(params)!r}."
             )
         try:
-            METRICS[name](probe, **params)
+            METRICS[metric](probe, **params)
         except (TypeError, ValueError) as e:
-            raise ValueError(f"The '{param}' parameter{where} gives {name} a bad value: {e}") from None
+            raise ValueError(f"The '{name}' parameter{where} gives {metric} a bad value: {e}") from None
     return spec
 
 

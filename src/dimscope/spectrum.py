@@ -102,15 +102,22 @@ class Spectrum:
         }
 
 
-def _as_matrix(X: Any) -> torch.Tensor:
+def _as_real_tensor(X: Any, param: str, owner: str, what: str) -> torch.Tensor:
+    """``X`` as a real torch tensor (a numpy array shared, or copied when its strides are negative),
+    else a TypeError naming ``param`` of ``owner`` (``what`` says what it takes)."""
     if isinstance(X, np.ndarray):
         X = torch.from_numpy(X.copy() if any(st < 0 for st in X.strides) else X)  # torch takes no negative strides
     if not isinstance(X, torch.Tensor):
-        raise TypeError(f"The 'X' parameter of spectrum must be a 2-D torch.Tensor or numpy array. Got {type(X).__name__}.")
+        raise TypeError(f"The '{param}' parameter of {owner} must be {what}. Got {type(X).__name__}.")
+    if X.is_complex():
+        raise TypeError(f"The '{param}' parameter of {owner} must be real. Got dtype {X.dtype}.")
+    return X
+
+
+def _as_matrix(X: Any) -> torch.Tensor:
+    X = _as_real_tensor(X, "X", "spectrum", "a 2-D torch.Tensor or numpy array")
     if X.ndim != 2:
         raise ValueError(f"The 'X' parameter of spectrum must be 2-D (samples x features). Got shape {tuple(X.shape)}.")
-    if X.is_complex():
-        raise TypeError(f"The 'X' parameter of spectrum must be real. Got dtype {X.dtype}.")
     return X
 
 
@@ -448,12 +455,9 @@ def _grams64(
         Gc = G[a : a + len(chunk)]
         torch.matmul(X, X.mT, out=Gc) if n <= d else torch.matmul(X.mT, X, out=Gc)
         small = Gc.diagonal(dim1=1, dim2=2).amax(-1) < _TINY_GRAM
-        if X.device.type != "cpu":  # no wait for the device: the flags come back with the Grams
-            tiny.append(small & X.flatten(1).ne(0).any(1))
-        elif bool(small.any()):  # rare: only then the extra pass over X
-            tiny.append(small & X.flatten(1).ne(0).any(1))
-        else:
-            tiny.append(small)
+        # which are not all zeros: on a device without a wait (the flags come back with the Grams), on
+        # the CPU only when some Gram is that small (the extra pass over X is then rare)
+        tiny.append(small & X.flatten(1).ne(0).any(1) if X.device.type != "cpu" or bool(small.any()) else small)
     Gn = G.cpu().numpy()
     finite = np.isfinite(np.diagonal(Gn, axis1=1, axis2=2)).all(axis=1) & ~torch.cat(tiny).cpu().numpy()
     if center is not None:
@@ -625,9 +629,8 @@ def spectrum(X: Any, center: bool = True) -> Spectrum:
     G = X @ X.T if n <= d else X.T @ X
     if not torch.isfinite(G).all():
         raise NonFiniteError("The feature matrix holds values too large to square in float64 (|x| > 1e154).")
-    if _underflows(G, X):
-        raise NonFiniteError(f"The feature matrix holds values{' (after centering)' if center else ''} too small to square in float64 "
-                             "(a largest |x| under about 1e-154, but not 0): its spectrum would underflow to a false 0. Rescale it.")
+    if _gram_underflowed(G) and bool(X.ne(0).any()):
+        raise _underflow_error("feature", bool(center))
     return _spectrum_from_gram(G, n, d, bool(center), False)
 
 
@@ -637,8 +640,15 @@ def spectrum(X: Any, center: bool = True) -> Spectrum:
 _TINY_GRAM = float(np.finfo(np.float64).tiny)
 
 
-def _underflows(G: torch.Tensor, X: torch.Tensor) -> bool:
-    return G.numel() > 0 and float(G.diagonal().max()) < _TINY_GRAM and bool(X.ne(0).any())
+def _gram_underflowed(G: torch.Tensor) -> bool:
+    """Whether the Gram matrix ``G``'s largest squared norm is under float64's normal range (its
+    matrix then underflowed, unless it is all zeros: the caller checks that)."""
+    return G.numel() > 0 and float(G.diagonal().max()) < _TINY_GRAM
+
+
+def _underflow_error(what: str, centered: bool = False) -> NonFiniteError:
+    return NonFiniteError(f"The {what} matrix holds values{' (after centering)' if centered else ''} too small to square in float64 "
+                          "(a largest |x| under about 1e-154, but not 0): its spectrum would underflow to a false 0. Rescale it.")
 
 
 def weight_spectrum(W: Any) -> Spectrum:
@@ -646,15 +656,9 @@ def weight_spectrum(W: Any) -> Spectrum:
 
     The values are σ_i(W)² (no division by n), so ``stable_rank`` is ‖W‖_F² / ‖W‖_2².
     """
-    if isinstance(W, np.ndarray):
-        W = torch.from_numpy(W.copy() if any(st < 0 for st in W.strides) else W)  # torch takes no negative strides
     if isinstance(W, (list, tuple)):
         W = torch.as_tensor(W)
-    if not isinstance(W, torch.Tensor):
-        raise TypeError(f"The 'W' parameter of weight_spectrum must be a torch.Tensor, numpy array or nested list. Got {type(W).__name__}.")
-    if W.is_complex():
-        raise TypeError(f"The 'W' parameter of weight_spectrum must be real. Got dtype {W.dtype}.")
-    W = W.detach()
+    W = _as_real_tensor(W, "W", "weight_spectrum", "a torch.Tensor, numpy array or nested list").detach()
     if W.ndim < 2:
         raise ValueError(f"A weight spectrum needs a weight of at least 2 dimensions. Got shape {tuple(W.shape)}.")
     W = W.reshape(W.shape[0], -1).to(torch.float64)
@@ -664,8 +668,7 @@ def weight_spectrum(W: Any) -> Spectrum:
     G = W @ W.T if n <= d else W.T @ W
     if not torch.isfinite(G).all():
         raise NonFiniteError("The weight matrix holds values too large to square in float64 (|w| > 1e154).")
-    if _underflows(G, W):
-        raise NonFiniteError("The weight matrix holds values too small to square in float64 (a largest |w| under about 1e-154, "
-                             "but not 0): its spectrum would underflow to a false 0. Rescale it.")
+    if _gram_underflowed(G) and bool(W.ne(0).any()):
+        raise _underflow_error("weight")
     ev = _eigvalsh_desc(G)
     return Spectrum(ev[: min(n, d)].copy(), n, d, centered=False)

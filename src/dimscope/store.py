@@ -171,7 +171,6 @@ def _read_only(db: Path) -> tuple[sqlite3.Connection, bool]:
     writer opens it again (:class:`Run` then reopens). A log that holds data without a readable index
     (a copy made while training ran) cannot be read without write access: a PermissionError says so."""
     uri = db.resolve().as_uri()
-    first: sqlite3.Error | None = None
     con = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=30.0, check_same_thread=False)
     try:
         con.execute("SELECT count(*) FROM sqlite_master").fetchone()
@@ -180,14 +179,14 @@ def _read_only(db: Path) -> tuple[sqlite3.Connection, bool]:
         con.close()
         if not _cannot_write(e):
             raise
-        first = e
+        reason = str(e)
     wal = db.with_name(db.name + "-wal")
     if wal.exists() and wal.stat().st_size > 0:
-        msg = (f"The run {db} cannot be read without write access to {db.parent}: its write-ahead log {wal.name} still holds "
-               f"data (training may still be writing it), and SQLite cannot read that log here ({first}). "
-               "Open it from a place you can write, or copy the run directory after the writer has closed it.")
-        first = None  # no reference cycle through the traceback
-        raise PermissionError(msg)
+        raise PermissionError(
+            f"The run {db} cannot be read without write access to {db.parent}: its write-ahead log {wal.name} still holds "
+            f"data (training may still be writing it), and SQLite cannot read that log here ({reason}). "
+            "Open it from a place you can write, or copy the run directory after the writer has closed it."
+        )
     return sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, timeout=30.0, check_same_thread=False), True
 
 
@@ -403,6 +402,11 @@ class Run:
         if why is not None:
             raise ValueError(f"{self.db_path} is not a dimscope run: {why}.")
         self.path = self.db_path.parent
+        self._open()
+
+    def _open(self) -> None:
+        """Connect (see :func:`_connect_reader`); an immutable connection keeps the file's state to
+        notice a writer (:meth:`_query`)."""
         self._conn, self._kind = _connect_reader(self.db_path)
         self._state = _file_state(self.db_path) if self._kind == "immutable" else None
 
@@ -425,8 +429,7 @@ class Run:
 
     def _reopen(self) -> None:
         self._conn.close()
-        self._conn, self._kind = _connect_reader(self.db_path)
-        self._state = _file_state(self.db_path) if self._kind == "immutable" else None
+        self._open()
 
     def _rows(self, sql: str, params: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
         return self._query(lambda con: con.execute(sql, tuple(params)).fetchall())

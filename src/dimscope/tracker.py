@@ -536,10 +536,10 @@ class Tracker:
         check_int(commit_every, "commit_every", min_value=1, owner="Tracker")
         check_float(commit_seconds, "commit_seconds", low=0.0, owner="Tracker")
         check_int(queue_size, "queue_size", min_value=1, owner="Tracker")
+        check_bool(overwrite, "overwrite", owner="Tracker")
         if not isinstance(extensions, Iterable) or isinstance(extensions, (str, bytes)):
             raise TypeError(f"The 'extensions' parameter of Tracker must be a list of TrackerExtension objects. Got {extensions!r} instead.")
         extensions = list(extensions)
-        check_bool(overwrite, "overwrite", owner="Tracker")
         for i, ext in enumerate(extensions):
             missing = [m for m in _EXTENSION_METHODS if not callable(getattr(ext, m, None))]
             if missing:
@@ -580,7 +580,9 @@ class Tracker:
         self._nonfinite_warned: set[str] = set()
         self._failure_warned: set[str] = set()
         self._silent_warned: set[str] = set()  # layers that gave no output in a forward (a warning each)
-        self._mask_warned: set[str] = set()  # (B, T, D) layers whose T is not the attention mask's (a warning each)
+        # layers whose output shape does not fit the probe: a T that is not the attention mask's, a 1-D
+        # output that is not one value per input (a warning each)
+        self._shape_warned: set[str] = set()
         self.errors: list[BaseException] = []  # measurements that failed (synchronous mode)
 
         where = self._resolve_background(background)  # validated before the store records a session
@@ -838,10 +840,10 @@ class Tracker:
         """:func:`_drop_padding`, with a warning (once per layer) for a (B, T', D) output whose (B, T')
         is not the mask's (B, T) while the mask marks padding: that layer is measured with it."""
         if mask is not None:
-            odd = [k for k, v in outs.items() if v.ndim == 3 and tuple(v.shape[:2]) != tuple(mask.shape) and k not in self._mask_warned]
+            odd = [k for k, v in outs.items() if v.ndim == 3 and tuple(v.shape[:2]) != tuple(mask.shape) and k not in self._shape_warned]
             if odd and not bool(mask.all()):
                 for k in odd:
-                    self._mask_warned.add(k)
+                    self._shape_warned.add(k)
                     warnings.warn(f"dimscope: layer {k!r} gives (B, T, D) = {tuple(outs[k].shape)} at step {step}, but the "
                                   f"attention mask is {tuple(mask.shape)}: its padding positions cannot be dropped and are "
                                   "measured with the real tokens (this warning is not repeated).", RuntimeWarning, stacklevel=4)
@@ -866,8 +868,8 @@ class Tracker:
             raise
         self._warn_silent_layers(outs, step, "in the probe forward", "the forward did not call it")
         for name, t in outs.items():  # e.g. a 1-D probe, one unbatched input: its outputs are not samples
-            if t.ndim == 1 and name not in self._mask_warned and t.shape[0] != (n := _probe_len(self.probe)):  # this rank's probe
-                self._mask_warned.add(name)
+            if t.ndim == 1 and name not in self._shape_warned and t.shape[0] != (n := _probe_len(self.probe)):  # this rank's probe
+                self._shape_warned.add(name)
                 warnings.warn(f"dimscope: layer {name!r} gives a 1-D output of {t.shape[0]} values for a probe of {n} "
                               "inputs: it is read as that many samples of one feature, which is meaningless unless the probe is a "
                               "batch (an unbatched 1-D probe is one input; add a batch dimension) (this warning is not repeated).",

@@ -48,7 +48,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..spectrum import _TINY_GRAM, NonFiniteError, Spectrum, spectrum, spectrum_from_gram
+from ..spectrum import NonFiniteError, Spectrum, _gram_underflowed, _underflow_error, spectrum, spectrum_from_gram
 from ..tracker import Tracker, TrackerExtension, _probe_len, _slice_probe
 
 __all__ = ["DistributedTracker", "shard_bounds"]
@@ -260,7 +260,6 @@ class DistributedTracker(Tracker):
         G, nonzero = flat[:-1].reshape(d, d), float(flat[-1]) > 0
         if not torch.isfinite(G).all():
             raise NonFiniteError("The feature matrix holds NaN or Inf values.")
-        if nonzero and float(G.diagonal().max()) < _TINY_GRAM:  # as spectrum(): on every rank alike
-            raise NonFiniteError("The feature matrix holds values too small to square in float64 (a largest |x| under about "
-                                 "1e-154, but not 0): its spectrum would underflow to a false 0. Rescale it.")
+        if nonzero and _gram_underflowed(G):  # as spectrum(): on every rank alike
+            raise _underflow_error("feature", center)
         return spectrum_from_gram(G, n, d, centered=center)
